@@ -1,0 +1,65 @@
+"""Shared pieces of the click commands: one-line errors and JSON config files."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Exceptions that mean "bad input" rather than a bug: they end the command with one line and exit 1.
+# Matched by name so this module imports neither torch nor onnxruntime.
+CLEAN_ERRORS = (
+    "BundleError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "ExportError",
+    "RuntimeBackendError",
+    "TrainingError",
+    "UsageError",
+)
+
+
+def one_line_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except FileExistsError as e:
+            raise click.ClickException(f"{e.filename}: exists (pass --overwrite)") from None
+        except Exception as e:
+            if any(cls.__name__ in CLEAN_ERRORS for cls in type(e).__mro__):
+                raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``--config FILE.json``: its keys become the defaults of the command's options (flags still win)."""
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise click.BadParameter(f"{path}: cannot read a JSON object ({e})") from None
+    if not isinstance(obj, dict):
+        raise click.BadParameter(f"{path}: expected a JSON object of option names to values")
+    known = {p.name for p in ctx.command.params if p.name}
+    mapped = {k.replace("-", "_"): v for k, v in obj.items()}
+    unknown = sorted(set(mapped) - known - {"model_config"})
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}")
+    if isinstance(mapped.get("model_config"), dict):
+        mapped["overrides"] = [f"{k}={json.dumps(v)}" for k, v in mapped.pop("model_config").items()]
+    ctx.default_map = {**(ctx.default_map or {}), **mapped}
+    return value

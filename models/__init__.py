@@ -1,0 +1,30 @@
+"""genforge.models: the networks, their configs, the likelihood heads and the model registry."""
+
+from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError, ImageConfig
+from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
+from .heads import LIKELIHOODS, make_head, nll_from_log_probs
+from .layers import MaskedConv2d, causal_mask, gate
+from .pixelcnn import PixelCNN, PixelCNNConfig
+from .registry import MODELS, ModelSpec, build_model, get_spec, make_config
+
+__all__ = [
+    "LIKELIHOODS",
+    "MODELS",
+    "AutoregressiveConfig",
+    "AutoregressiveModel",
+    "ConfigError",
+    "GatedPixelCNN",
+    "GatedPixelCNNConfig",
+    "ImageConfig",
+    "MaskedConv2d",
+    "ModelSpec",
+    "PixelCNN",
+    "PixelCNNConfig",
+    "build_model",
+    "causal_mask",
+    "gate",
+    "get_spec",
+    "make_config",
+    "make_head",
+    "nll_from_log_probs",
+]

@@ -1,0 +1,127 @@
+"""Configs and the base class shared by the autoregressive models.
+
+A model is defined by its config dataclass; the config is saved next to the weights (``config.json``) so a
+model is always rebuilt from its files alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .heads import LIKELIHOODS, make_head, nll_from_log_probs
+
+
+class ConfigError(ValueError):
+    """A model config is inconsistent or names an unknown field."""
+
+
+@dataclass
+class ImageConfig:
+    """The image a model works on, shared by every family."""
+
+    channels: int = 1
+    height: int = 28
+    width: int = 28
+    levels: int = 256
+    num_classes: int = 0  # 0: unconditional
+
+    def validate(self) -> None:
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
+        if self.height < 1 or self.width < 1:
+            raise ConfigError(f"image size must be positive, got {self.height}x{self.width}")
+        if not 2 <= self.levels <= 256:
+            raise ConfigError(f"levels must be in [2, 256], got {self.levels}")
+        if self.num_classes < 0:
+            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImageConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown field(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(names))}"
+            )
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class AutoregressiveConfig(ImageConfig):
+    likelihood: str = "categorical"
+    n_mix: int = 5  # mixture components, for the logistic-mixture likelihood only
+
+    def validate(self) -> None:
+        super().validate()
+        if self.likelihood not in LIKELIHOODS:
+            raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
+        if self.likelihood == "bernoulli" and self.levels != 2:
+            raise ConfigError(f"the bernoulli likelihood needs levels == 2, got {self.levels}")
+
+
+class AutoregressiveModel(nn.Module):
+    """Base class: a network that maps an image of levels to per-sub-pixel level log-probabilities.
+
+    Subclasses build their layers and implement ``params(x, labels)`` returning raw head parameters
+    (B, P * C, H, W) laid out as (P, C) on the channel axis, so channel k's parameters sit in colour
+    group k. Sub-pixels are ordered raster-wise over (row, column) and R -> G -> B within a pixel; the
+    output at a sub-pixel depends only on sub-pixels strictly before it.
+    """
+
+    family: ClassVar[str] = "autoregressive"
+    config: AutoregressiveConfig
+
+    def __init__(self, config: AutoregressiveConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.head = make_head(config.likelihood, config.levels, config.n_mix)
+        self.label_embedding: nn.Embedding | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.head.params_per_channel * self.config.channels
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Levels 0..K-1 -> [-1, 1], in the dtype of the model's weights."""
+        dtype = next(self.parameters()).dtype
+        return x.to(dtype) * (2.0 / (self.config.levels - 1)) - 1.0
+
+    def params(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_input(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
+        c = self.config
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c.channels, c.height, c.width):
+            raise ValueError(
+                f"expected images of shape (B, {c.channels}, {c.height}, {c.width}), got {tuple(x.shape)}"
+            )
+        if c.num_classes and labels is None:
+            raise ValueError(f"this model is class-conditional ({c.num_classes} classes): pass labels")
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) levels (any dtype) -> log-probabilities (B, C, H, W, K)."""
+        raw = self.params(x, labels)  # (B, P * C, H, W)
+        b, _, h, w = raw.shape
+        raw = raw.reshape(b, self.head.params_per_channel, self.config.channels, h, w)
+        return self.head.log_probs(raw)
+
+    def nll(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact negative log-likelihood per image, in nats: (B,)."""
+        return nll_from_log_probs(self(x, labels), x)
+
+    def label_bias(self, labels: torch.Tensor | None, embedding: nn.Embedding | None) -> torch.Tensor | None:
+        """A per-image bias (B, F, 1, 1) from the class label, or None when unconditional."""
+        if embedding is None or labels is None:
+            return None
+        return embedding(labels.long())[:, :, None, None]

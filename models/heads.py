@@ -1,0 +1,135 @@
+"""Likelihood heads shared by every autoregressive model.
+
+Each head turns the network's raw parameters for one sub-pixel into the log-probabilities of the K levels
+that sub-pixel can take. Every consumer (the loss, the exported graphs, the runtime's inverse-CDF sampler,
+the Triton kernels) works with that one normalized (…, K) table, so a head is written once.
+
+[1]: van den Oord et al. 2016, Pixel Recurrent Neural Networks (the 256-way softmax),
+     https://arxiv.org/abs/1601.06759
+[2]: Salimans et al. 2017, PixelCNN++: the discretized logistic mixture likelihood,
+     https://arxiv.org/abs/1701.05517
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LikelihoodName = Literal["bernoulli", "categorical", "logistic-mixture"]
+LIKELIHOODS: tuple[str, ...] = ("bernoulli", "categorical", "logistic-mixture")
+
+
+class Head(nn.Module):
+    """Maps raw parameters (B, P, C, H, W) to level log-probabilities (B, C, H, W, K)."""
+
+    name: str = ""
+    params_per_channel: int = 0
+
+    def __init__(self, levels: int) -> None:
+        super().__init__()
+        if not 2 <= levels <= 256:
+            raise ValueError(f"levels must be in [2, 256], got {levels}")
+        self.levels = levels
+
+    def forward(self, params: torch.Tensor) -> torch.Tensor:
+        return self.log_probs(params)
+
+    def log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class BernoulliHead(Head):
+    """One logit per sub-pixel: log p(1) = log sigmoid(l), log p(0) = log sigmoid(-l)."""
+
+    name = "bernoulli"
+
+    def __init__(self, levels: int) -> None:
+        super().__init__(levels)
+        if levels != 2:
+            raise ValueError(f"the bernoulli likelihood needs levels == 2, got {levels}")
+        self.params_per_channel = 1
+
+    def log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        logit = params[:, 0]  # (B, C, H, W)
+        return torch.stack([F.logsigmoid(-logit), F.logsigmoid(logit)], dim=-1)
+
+
+class CategoricalHead(Head):
+    """A K-way softmax per sub-pixel."""
+
+    name = "categorical"
+
+    def __init__(self, levels: int) -> None:
+        super().__init__(levels)
+        self.params_per_channel = levels
+
+    def log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(params.movedim(1, -1), dim=-1)  # (B, C, H, W, K)
+
+
+class LogisticMixtureHead(Head):
+    """The discretized mixture of logistics of [2], per sub-pixel.
+
+    Levels k = 0..K-1 sit at x_k = 2k/(K-1) - 1 in [-1, 1] with bins of half-width 1/(K-1); the outer
+    bins extend to ±infinity. Channels are conditioned on each other by the network's masks (R -> G -> B)
+    rather than by [2]'s linear coefficients, so each channel has its own mixture.
+    """
+
+    name = "logistic-mixture"
+
+    def __init__(self, levels: int, n_mix: int) -> None:
+        super().__init__(levels)
+        if n_mix < 1:
+            raise ValueError(f"n_mix must be >= 1, got {n_mix}")
+        self.n_mix = n_mix
+        self.params_per_channel = 3 * n_mix
+        self.half_bin = 1.0 / (levels - 1)
+
+    def log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        m = self.n_mix
+        logit_pi = params[:, :m]  # (B, M, C, H, W)
+        mean = params[:, m : 2 * m]
+        log_scale = params[:, 2 * m :].clamp(min=-7.0)
+        inv_s = torch.exp(-log_scale)[..., None]  # (B, M, C, H, W, 1)
+        # The K-1 inner bin edges, built in the parameters' dtype so the bins telescope to exactly 1.
+        k = torch.arange(self.levels - 1, dtype=params.dtype, device=params.device)
+        edges = (2.0 * k + 1.0) * self.half_bin - 1.0
+        z = (edges - mean[..., None]) * inv_s  # (B, M, C, H, W, K-1)
+        # p_k = sigmoid(a) - sigmoid(b) with a = z_k (upper edge), b = z_{k-1} (lower edge), computed as
+        # sigmoid(a) * sigmoid(-b) * (1 - exp(b - a)) so it stays accurate far in the tails.
+        log_cdf = F.logsigmoid(z)  # log P(X <= upper edge of level k), k < K-1
+        log_sf = F.logsigmoid(-z)  # log P(X > upper edge of level k)
+        width = 2.0 * self.half_bin * inv_s  # (B, M, C, H, W, 1) = a - b for inner levels
+        log_width = torch.log(-torch.expm1(-width))
+        inner = log_cdf[..., 1:] + log_sf[..., :-1] + log_width  # levels 1..K-2
+        lp = torch.cat([log_cdf[..., :1], inner, log_sf[..., -1:]], dim=-1)  # (B, M, C, H, W, K)
+        log_w = F.log_softmax(logit_pi, dim=1)[..., None]
+        return torch.logsumexp(lp + log_w, dim=1)  # (B, C, H, W, K)
+
+
+def make_head(likelihood: str, levels: int, n_mix: int = 5) -> Head:
+    """The head named ``likelihood`` (one of LIKELIHOODS)."""
+    if likelihood == "bernoulli":
+        return BernoulliHead(levels)
+    if likelihood == "categorical":
+        return CategoricalHead(levels)
+    if likelihood == "logistic-mixture":
+        return LogisticMixtureHead(levels, n_mix)
+    raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
+
+
+def nll_from_log_probs(log_probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood in nats per image.
+
+    log_probs: (B, C, H, W, K); x: (B, C, H, W) integer levels. Returns (B,).
+    """
+    picked = log_probs.gather(-1, x.long().unsqueeze(-1)).squeeze(-1)  # (B, C, H, W)
+    return -picked.flatten(1).sum(1)
+
+
+def bits_per_dim(nats_per_image: float, dims: int) -> float:
+    return nats_per_image / (dims * math.log(2.0))

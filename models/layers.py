@@ -1,0 +1,117 @@
+"""Masked convolutions and gated activations shared by every autoregressive model.
+
+[1]: van den Oord et al. 2016, Pixel Recurrent Neural Networks, https://arxiv.org/abs/1601.06759
+     (section 3.4: masks A and B, the R -> G -> B sub-pixel ordering).
+[2]: van den Oord et al. 2016, Conditional Image Generation with PixelCNN Decoders,
+     https://arxiv.org/abs/1606.05328 (gated activation units, vertical and horizontal stacks).
+
+Colour ordering: every feature map of a colour model is split into ``groups`` (3 for RGB, 1 for grey) by
+``channel % groups``. A feature in group g at the kernel centre may read input features of groups < g
+(mask A) or <= g (mask B). Rows above the centre, and the centre row left of the centre, are fully
+connected; everything right of or below the centre is masked out. With ``groups == 1`` this reduces to the
+plain spatial masks.
+
+The mask is applied functionally (``weight * mask`` inside ``forward``), never by overwriting
+``weight.data``: the exported graphs then carry the mask as a constant and gradients never touch the masked
+taps.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MaskType = Literal["A", "B"]
+# "full": the causal raster mask of [1]. "vertical": rows strictly above the centre (A) or up to and
+# including the centre row (B), for the vertical stack of [2]. "horizontal": the centre row only.
+MaskShape = Literal["full", "vertical", "horizontal"]
+
+
+def channel_groups(n_features: int, groups: int) -> torch.Tensor:
+    """Group index of each feature: ``feature % groups``."""
+    return torch.arange(n_features) % groups
+
+
+def causal_mask(
+    mask_type: MaskType,
+    out_channels: int,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    *,
+    groups: int = 1,
+    shape: MaskShape = "full",
+) -> torch.Tensor:
+    """The (out, in, kh, kw) 0/1 mask of a causal convolution; the kernel centre is (kh // 2, kw // 2)."""
+    if mask_type not in ("A", "B"):
+        raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
+    kh, kw = kernel_size
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"masked convolutions need odd kernel sizes, got {kernel_size}")
+    ch, cw = kh // 2, kw // 2
+    mask = torch.zeros(out_channels, in_channels, kh, kw)
+    if shape == "vertical":
+        # The vertical stack never sees the current row's groups, so channel groups play no part.
+        last_row = ch - 1 if mask_type == "A" else ch
+        mask[:, :, : last_row + 1, :] = 1.0
+        return mask
+    if shape == "full":
+        mask[:, :, :ch, :] = 1.0
+    elif shape != "horizontal":
+        raise ValueError(f"unknown mask shape {shape!r}")
+    mask[:, :, ch, :cw] = 1.0
+    g_out = channel_groups(out_channels, groups)[:, None]
+    g_in = channel_groups(in_channels, groups)[None, :]
+    centre = (g_in < g_out) if mask_type == "A" else (g_in <= g_out)
+    mask[:, :, ch, cw] = centre.float()
+    return mask
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A 'same'-padded conv2d whose weight is multiplied by a causal mask on every call."""
+
+    mask: torch.Tensor
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        *,
+        mask_type: MaskType,
+        groups: int = 1,
+        shape: MaskShape = "full",
+        bias: bool = True,
+    ) -> None:
+        ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        super().__init__(in_channels, out_channels, ks, padding=(ks[0] // 2, ks[1] // 2), bias=bias)
+        self.mask_type = mask_type
+        self.color_groups = groups
+        self.mask_shape = shape
+        self.register_buffer(
+            "mask", causal_mask(mask_type, out_channels, in_channels, ks, groups=groups, shape=shape),
+            persistent=False,
+        )
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.masked_weight(), self.bias, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mask={self.mask_type}, shape={self.mask_shape}, groups={self.color_groups}"
+
+
+def gate(x: torch.Tensor) -> torch.Tensor:
+    """Gated activation tanh(a) * sigmoid(b) where (a, b) are the two halves of the channel axis."""
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+def check_group_multiple(n: int, groups: int) -> None:
+    """Split gate halves keep the ``channel % groups`` pattern only when n is a multiple of groups."""
+    if n % groups:
+        raise ValueError(f"hidden channels ({n}) must be a multiple of the {groups} colour groups")

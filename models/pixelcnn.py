@@ -1,0 +1,74 @@
+"""PixelCNN: a 7x7 mask-A convolution, residual blocks of mask-B 3x3 convolutions, 1x1 output layers.
+
+[1]: van den Oord et al. 2016, Pixel Recurrent Neural Networks, https://arxiv.org/abs/1601.06759
+     (section 3.5 and figure 5: the residual block 1x1 -> 3x3 -> 1x1 with h and 2h features).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError
+from .layers import MaskedConv2d
+
+
+@dataclass
+class PixelCNNConfig(AutoregressiveConfig):
+    hidden: int = 64  # 2h in [1]: features carried between residual blocks
+    layers: int = 8  # residual blocks
+    first_kernel: int = 7
+    kernel: int = 3
+    output_hidden: int = 64
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hidden < 2 or self.layers < 0 or self.output_hidden < 1:
+            raise ConfigError(
+                f"need hidden >= 2, layers >= 0, output_hidden >= 1; got {self.hidden}, {self.layers}, "
+                f"{self.output_hidden}"
+            )
+
+
+class ResidualBlock(nn.Module):
+    """relu -> 1x1 (2h -> h) -> relu -> kxk mask B -> relu -> 1x1 (h -> 2h), added to the input."""
+
+    def __init__(self, hidden: int, kernel: int, groups: int) -> None:
+        super().__init__()
+        inner = max(hidden // 2, 1)
+        self.reduce = MaskedConv2d(hidden, inner, 1, mask_type="B", groups=groups)
+        self.conv = MaskedConv2d(inner, inner, kernel, mask_type="B", groups=groups)
+        self.expand = MaskedConv2d(inner, hidden, 1, mask_type="B", groups=groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.reduce(F.relu(x))
+        y = self.conv(F.relu(y))
+        y = self.expand(F.relu(y))
+        return x + y
+
+
+class PixelCNN(AutoregressiveModel):
+    config: PixelCNNConfig
+
+    def __init__(self, config: PixelCNNConfig) -> None:
+        super().__init__(config)
+        c, g = config, config.channels
+        self.input_conv = MaskedConv2d(c.channels, c.hidden, c.first_kernel, mask_type="A", groups=g)
+        self.blocks = nn.ModuleList(ResidualBlock(c.hidden, c.kernel, g) for _ in range(c.layers))
+        self.out1 = MaskedConv2d(c.hidden, c.output_hidden, 1, mask_type="B", groups=g)
+        self.out2 = MaskedConv2d(c.output_hidden, self.out_features, 1, mask_type="B", groups=g)
+        if c.num_classes:
+            self.label_embedding = nn.Embedding(c.num_classes, c.hidden)
+
+    def params(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x, labels)
+        h = self.input_conv(self.normalize(x))  # (B, hidden, H, W)
+        bias = self.label_bias(labels, self.label_embedding)
+        if bias is not None:
+            h = h + bias
+        for block in self.blocks:
+            h = block(h)
+        return self.out2(F.relu(self.out1(F.relu(h))))  # (B, P * C, H, W)

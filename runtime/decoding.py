@@ -1,0 +1,60 @@
+"""The autoregressive decoding loops, written once for every backend.
+
+A backend supplies ``forward(x, labels) -> log_probs``: x float32 (B, C, H, W) levels, log_probs
+(B, C, H, W, K). The loop owns the order (raster over pixels, R -> G -> B within a pixel) and the sampling:
+inverse-CDF with one pre-drawn uniform per sub-pixel (see randomness.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .progress import Progress
+
+ForwardFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+def inverse_cdf(log_probs: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The level whose CDF interval holds u: log_probs (..., K), u (...) in [0, 1) -> int64 (...).
+
+    The CDF is accumulated in float64 and renormalized, so rounding in the backend's log-probabilities
+    moves a sample only when u lies within that rounding of a bin edge.
+    """
+    lp = log_probs.astype(np.float64)
+    p = np.exp(lp - lp.max(axis=-1, keepdims=True))
+    cdf = np.cumsum(p, axis=-1)
+    target = u[..., None] * cdf[..., -1:]
+    return (cdf[..., :-1] <= target).sum(axis=-1)
+
+
+def naive_decode(
+    forward: ForwardFn,
+    u: np.ndarray,
+    *,
+    labels: np.ndarray | None = None,
+    levels: int,
+    prefix: np.ndarray | None = None,
+    start_row: int = 0,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Generate images by one full forward pass per sub-pixel (O(N^2) work for N sub-pixels).
+
+    u: (B, H, W, C) uniforms. ``prefix`` (B, H, W, C) levels with ``start_row``: rows above start_row are
+    kept from prefix and the rest sampled (image completion). Returns uint8 (B, H, W, C).
+    """
+    b, h, w, c = u.shape
+    x = np.zeros((b, c, h, w), dtype=np.float32)
+    if prefix is not None and start_row > 0:
+        x[:, :, :start_row] = prefix.transpose(0, 3, 1, 2)[:, :, :start_row]
+    for i in range(start_row, h):
+        for j in range(w):
+            for k in range(c):
+                log_probs = forward(x, labels)  # (B, C, H, W, K)
+                x[:, k, i, j] = inverse_cdf(log_probs[:, k, i, j], u[:, i, j, k])
+        if progress is not None:
+            progress.update(1)
+    if x.max(initial=0) >= levels:
+        raise RuntimeError(f"decoded a level >= {levels}: the backend returned a malformed distribution")
+    return x.transpose(0, 2, 3, 1).astype(np.uint8)

@@ -1,0 +1,148 @@
+"""The trainer on tiny configs: it learns, resumes exactly, writes atomically, and fails cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from genforge.train import DataSpec, TrainConfig, Trainer, TrainingError, UsageError, load_run, train_run
+from genforge.train import checkpoint as ckpt
+from genforge.train.objectives import objective_for
+
+TINY_MODEL = {"hidden": 8, "layers": 1, "output_hidden": 8}
+
+
+def tiny_train(**kw) -> TrainConfig:
+    base = dict(steps=12, batch_size=16, lr=3e-3, n_samples=0, log_every=1, checkpoint_every=4, eval_limit=32)
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in recs if "loss" in r]
+
+
+def test_training_lowers_the_loss_and_writes_the_run(tmp_path: Path) -> None:
+    r = train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=40, n_samples=4), out=tmp_path / "run",
+                  progress=False)
+    assert r.steps == 40
+    ls = [v for _, v in losses(r.run_dir)]
+    assert np.mean(ls[-5:]) < np.mean(ls[:5]) - 5.0
+    for name in ("config.json", "model.safetensors", "trainer_state.pt", "metrics.jsonl"):
+        assert (r.run_dir / name).exists()
+    assert r.samples is not None and r.samples.suffix == ".png"
+    model, run = load_run(r.run_dir)
+    assert run.model == "pixelcnn" and model.config.levels == 17
+    assert "nats_per_image" in r.metrics and "bits_per_dim" in r.metrics
+    assert r.metrics["bits_per_dim"] == pytest.approx(r.metrics["nats_per_image"] / (64 * np.log(2)))
+
+
+@pytest.mark.parametrize("model", ["pixelcnn", "gated-pixelcnn"])
+def test_resume_repeats_the_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str) -> None:
+    full = train_run(model=model, model_overrides=TINY_MODEL, train=tiny_train(), out=tmp_path / "full",
+                     progress=False)
+
+    original = Trainer.batch
+
+    def dying_batch(self: Trainer, step: int):
+        if step == 6:  # after the checkpoint at step 4: steps 5-6 are lost and must be redone identically
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "batch", dying_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(model=model, model_overrides=TINY_MODEL, train=tiny_train(), out=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(Trainer, "batch", original)
+    resumed = train_run(out=tmp_path / "cut", resume=True, progress=False)
+
+    assert losses(resumed.run_dir) == losses(full.run_dir)  # bit-for-bit, with no duplicated steps
+    a, _ = load_run(full.run_dir)
+    b, _ = load_run(resumed.run_dir)
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(va, vb), k
+
+
+def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
+    train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=4), out=tmp_path / "r", progress=False)
+    r = train_run(out=tmp_path / "r", resume=True, extend={"steps": 8}, progress=False)
+    assert r.steps == 8 and [s for s, _ in losses(r.run_dir)] == list(range(1, 9))
+
+
+def test_output_directory_is_not_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    with pytest.raises(UsageError, match="exists and is not empty"):
+        train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=1), out=out, progress=False)
+    with pytest.raises(UsageError, match="not a genforge run"):
+        train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=1), out=out, overwrite=True, progress=False)
+    assert (out / "precious.txt").read_text() == "keep"
+
+
+def test_nan_loss_stops_with_the_checkpoint_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=4), out=tmp_path / "r", progress=False)
+    before = (tmp_path / "r" / ckpt.STATE_FILE).read_bytes()
+
+    def nan_loss(self, model, x, labels):
+        return torch.tensor(float("nan"), requires_grad=True), {}
+
+    monkeypatch.setattr(type(objective_for(load_run(tmp_path / "r")[0])), "loss", nan_loss)
+    with pytest.raises(TrainingError, match="loss became nan at step 4"):
+        train_run(out=tmp_path / "r", resume=True, extend={"steps": 8}, progress=False)
+    assert (tmp_path / "r" / ckpt.STATE_FILE).read_bytes() == before
+
+
+def test_foreign_files_are_refused_without_running_code(tmp_path: Path) -> None:
+    train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=2), out=tmp_path / "r", progress=False)
+    marker = tmp_path / "pwned"
+
+    class Boom:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"format": "genforge-trainer-state", "x": Boom()}, tmp_path / "r" / ckpt.STATE_FILE)
+    with pytest.raises(ckpt.CheckpointError, match="corrupt or foreign trainer state"):
+        train_run(out=tmp_path / "r", resume=True, progress=False)
+    assert not marker.exists()
+    (tmp_path / "r" / ckpt.WEIGHTS_FILE).write_bytes(b"\x00" * 40)
+    with pytest.raises(ckpt.CheckpointError, match="corrupt or foreign weights"):
+        load_run(tmp_path / "r")
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    cfg["version"] = 99
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ckpt.CheckpointError, match="version 99 is not supported"):
+        load_run(tmp_path / "r")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "f.json"
+    ckpt.atomic_write_json(path, {"a": 1})
+    with pytest.raises(RuntimeError), ckpt.atomic_open(path) as f:
+        f.write(b"half")
+        raise RuntimeError("killed mid-write")
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_data_that_does_not_match_the_model(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="levels must be in"):
+        train_run(model_overrides={**TINY_MODEL, "levels": 300}, train=tiny_train(steps=1), out=tmp_path / "a",
+                  progress=False)
+    with pytest.raises(UsageError, match="the training data has 17 levels, the model expects 4"):
+        train_run(model_overrides={**TINY_MODEL, "levels": 4}, train=tiny_train(steps=1), out=tmp_path / "b",
+                  progress=False)
+    with pytest.raises(UsageError, match="class labels"):
+        np.savez(tmp_path / "b.npz", train=np.zeros((40, 28, 28), np.uint8))
+        train_run(data=DataSpec("binarized-mnist", path=str(tmp_path / "b.npz"), conditional=True),
+                  train=tiny_train(steps=1), out=tmp_path / "c", progress=False)
+
+
+def test_conditional_training_and_samples(tmp_path: Path) -> None:
+    r = train_run(model="gated-pixelcnn", data=DataSpec(conditional=True, levels=4),
+                  model_overrides=TINY_MODEL, train=tiny_train(steps=3, n_samples=10), out=tmp_path / "r",
+                  progress=False)
+    model, _ = load_run(r.run_dir)
+    assert model.config.num_classes == 10 and r.samples is not None

@@ -1,0 +1,232 @@
+"""The run directory: config.json, model.safetensors, trainer_state.pt, metrics.jsonl, samples/.
+
+Every write is atomic (a temp file in the same directory, fsync, rename, fsync of the directory), so a
+crash at any moment leaves either the old file or the new one, never half of one. Nothing here executes
+code from a file: configs are JSON, weights safetensors, the trainer state ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from genforge.models import build_model, get_spec
+from genforge.models.base import ConfigError, ImageConfig
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+RUN_FORMAT = "genforge-run"
+RUN_VERSION = 1
+STATE_FORMAT = "genforge-trainer-state"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+EMA_WEIGHTS_FILE = "model_ema.safetensors"
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint is missing, corrupt, foreign or of an unknown version."""
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path``; on success fsync and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt {what} (not valid JSON: {e})") from None
+
+
+# ---------------------------------------------------------------- weights
+
+
+def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, st_save(state, metadata={"format": "genforge-weights", **(metadata or {})}))
+
+
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    """Load safetensors weights into ``model``; any mismatch is a CheckpointError naming the file."""
+    path = Path(path)
+    try:
+        state = st_load(path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing weights file") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or foreign weights file (not safetensors: {e})") from None
+    load_state_checked(model, state, path)
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor) or v.shape != expected[k].shape:
+            shape = getattr(v, "shape", type(v).__name__)
+            raise CheckpointError(f"{source}: tensor {k!r} has shape {shape}, the model expects {expected[k].shape}")
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- run directory
+
+
+@dataclass
+class RunConfig:
+    """What config.json holds: enough to rebuild the model and continue training."""
+
+    model: str
+    model_config: dict[str, Any]
+    data: dict[str, Any]
+    train: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": RUN_FORMAT,
+            "version": RUN_VERSION,
+            "model": self.model,
+            "model_config": self.model_config,
+            "data": self.data,
+            "train": self.train,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, source: str | Path) -> RunConfig:
+        if not isinstance(obj, dict) or obj.get("format") != RUN_FORMAT:
+            raise CheckpointError(f"{source}: not a genforge run config (format field is not {RUN_FORMAT!r})")
+        if obj.get("version") != RUN_VERSION:
+            raise CheckpointError(
+                f"{source}: run format version {obj.get('version')!r} is not supported (this genforge reads "
+                f"version {RUN_VERSION})"
+            )
+        try:
+            return cls(obj["model"], dict(obj["model_config"]), dict(obj["data"]), dict(obj["train"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: run config lacks a field ({e})") from None
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir}: not a run directory")
+    return RunConfig.from_json(read_json(path, "run config"), path)
+
+
+def model_from_config(run: RunConfig, source: str | Path) -> tuple[nn.Module, ImageConfig]:
+    try:
+        spec = get_spec(run.model)
+        config = spec.config_cls.from_dict(run.model_config)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    return build_model(run.model, config), config
+
+
+def load_run(run_dir: str | Path, *, ema: bool = False) -> tuple[nn.Module, RunConfig]:
+    """Rebuild the trained model of a run directory from its config.json and weights (eval mode)."""
+    run = read_run_config(run_dir)
+    model, _ = model_from_config(run, Path(run_dir) / CONFIG_FILE)
+    weights = Path(run_dir) / (EMA_WEIGHTS_FILE if ema else WEIGHTS_FILE)
+    load_weights(weights, model)
+    return model.eval(), run
+
+
+# ---------------------------------------------------------------- trainer state
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    with atomic_open(path, "wb") as f:
+        torch.save({"format": STATE_FORMAT, "version": RUN_VERSION, **state}, f)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state; ``weights_only=True`` so a pickle posing as a checkpoint cannot run code."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing trainer state (nothing to resume)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for foreign bytes; all mean the same here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt or foreign trainer state ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a genforge trainer state")
+    if state.get("version") != RUN_VERSION:
+        raise CheckpointError(f"{path}: trainer state version {state.get('version')!r} is not supported")
+    return state
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+
+
+def truncate_metrics(path: str | Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Drop the records written after the checkpoint a run resumes from (they will be written again)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if keep(rec):
+            kept.append(json.dumps(rec, sort_keys=True))
+    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())

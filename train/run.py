@@ -1,0 +1,185 @@
+"""One call that trains a model end to end: ``gen-train`` parses its options and calls ``train_run``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from genforge.models import get_spec
+from genforge.models.base import ConfigError
+
+from . import checkpoint as ckpt
+from .data import DataError, ImageData, load_dataset
+from .objectives import objective_for
+from .trainer import TrainConfig, Trainer, TrainingError, resolve_device
+
+
+class UsageError(ValueError):
+    """The options asked for cannot be honoured (an existing output directory, a bad override)."""
+
+
+@dataclass
+class DataSpec:
+    name: str = "digits"
+    path: str | None = None
+    split: str = "train"
+    eval_split: str = "valid"
+    levels: int | None = None
+    image_size: int = 32  # the folder data set only
+    channels: int = 3  # the folder data set only
+    conditional: bool = False  # pass class labels to models that take them
+
+    def load(self, split: str, seed: int) -> ImageData:
+        return load_dataset(
+            self.name, split=split, path=self.path, levels=self.levels, seed=seed,
+            image_size=self.image_size, channels=self.channels,
+        )
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: Path | None = None
+
+
+def default_model_config(name: str, data: ImageData, conditional: bool) -> dict[str, Any]:
+    """The fields a data set fixes: image shape, levels, classes; and the natural likelihood."""
+    c, h, w = data.shape
+    cfg: dict[str, Any] = {"channels": c, "height": h, "width": w, "levels": data.levels}
+    fields = get_spec(name).config_cls.__dataclass_fields__
+    if "likelihood" in fields:
+        cfg["likelihood"] = "bernoulli" if data.levels == 2 else "categorical"
+    if conditional:
+        if not data.num_classes:
+            raise UsageError("--conditional needs a data set with class labels")
+        cfg["num_classes"] = data.num_classes
+    return cfg
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` strings; values are parsed as JSON when they can be (numbers, booleans), else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def prepare_out_dir(out: Path, *, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{out}: output directory exists and is not empty (pass --overwrite or --resume)")
+        if not (out / ckpt.CONFIG_FILE).exists():
+            raise UsageError(f"{out}: refusing to overwrite a directory that is not a genforge run")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def next_run_dir(root: Path, stem: str) -> Path:
+    i = 1
+    while (root / f"{stem}-{i}").exists():
+        i += 1
+    return root / f"{stem}-{i}"
+
+
+def train_run(
+    *,
+    model: str = "pixelcnn",
+    data: DataSpec | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    train: TrainConfig | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    extend: dict[str, int] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Train ``model`` on ``data`` into a run directory.
+
+    With ``resume``, continue the run in ``out`` from its own config.json; only the length of training
+    may change then (``extend``: ``epochs`` and/or ``steps``), so a finished run can be trained further.
+    """
+    try:
+        if resume:
+            return _resume(out, extend or {}, device, progress)
+        return _start(model, data or DataSpec(), model_overrides or {}, train or TrainConfig(), out,
+                      device, overwrite, progress)
+    except (ConfigError, DataError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _start(
+    model_name: str, data: DataSpec, overrides: dict[str, Any], tcfg: TrainConfig, out: str | Path | None,
+    device: str, overwrite: bool, progress: bool,
+) -> RunResult:
+    tcfg.validate()
+    train_data = data.load(data.split, tcfg.seed)
+    model_cfg = {**default_model_config(model_name, train_data, data.conditional), **overrides}
+    model_cfg = get_spec(model_name).config_cls.from_dict(model_cfg).to_dict()
+    run_dir = Path(out) if out is not None else next_run_dir(Path("runs"), f"{model_name}-{data.name}")
+    prepare_out_dir(run_dir, overwrite=overwrite)
+    run = ckpt.RunConfig(model_name, model_cfg, vars(data), tcfg.to_dict())
+    ckpt.atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
+    return _fit(run, run_dir, train_data, device, progress, resume=False)
+
+
+def _resume(out: str | Path | None, extend: dict[str, int], device: str, progress: bool) -> RunResult:
+    if out is None:
+        raise UsageError("--resume needs --out RUN_DIR")
+    run_dir = Path(out)
+    run = ckpt.read_run_config(run_dir)
+    if extend:
+        run.train.update(extend)
+        ckpt.atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
+    data = DataSpec(**run.data)
+    return _fit(run, run_dir, data.load(data.split, int(run.train["seed"])), device, progress, resume=True)
+
+
+def _fit(
+    run: ckpt.RunConfig, run_dir: Path, train_data: ImageData, device: str, progress: bool, *, resume: bool
+) -> RunResult:
+    tcfg = TrainConfig(**run.train)
+    data = DataSpec(**run.data)
+    torch.manual_seed(tcfg.seed)
+    net, config = ckpt.model_from_config(run, run_dir / ckpt.CONFIG_FILE)
+    valid_data = data.load(data.eval_split, tcfg.seed) if data.eval_split else None
+    for split_name, d in (("training", train_data), ("held-out", valid_data)):
+        if d is not None:
+            check_data_matches(config.to_dict(), d, split_name)
+    trainer = Trainer(
+        net, objective_for(net), train_data, valid_data, run_dir, tcfg,
+        device=resolve_device(device), progress=progress,
+    )
+    if resume:
+        trainer.resume()
+    metrics = trainer.fit()
+    samples = sorted((run_dir / "samples").glob("epoch_*.png"))
+    return RunResult(run_dir, trainer.step, metrics, samples[-1] if samples else None)
+
+
+def check_data_matches(model_cfg: dict[str, Any], data: ImageData, split: str) -> None:
+    c, h, w = data.shape
+    want = (model_cfg["channels"], model_cfg["height"], model_cfg["width"])
+    if (c, h, w) != want:
+        raise UsageError(f"the {split} data has images of shape (C, H, W) = {(c, h, w)}, the model expects {want}")
+    if data.levels != model_cfg["levels"]:
+        raise UsageError(f"the {split} data has {data.levels} levels, the model expects {model_cfg['levels']}")
+    if model_cfg.get("num_classes") and data.labels is None:
+        raise UsageError(f"the model is class-conditional but the {split} data has no labels")
+    if model_cfg.get("num_classes") and data.labels is not None and data.labels.max() >= model_cfg["num_classes"]:
+        raise UsageError(f"the {split} data has labels >= the model's {model_cfg['num_classes']} classes")
+
+
+__all__ = ["DataSpec", "RunResult", "TrainingError", "UsageError", "train_run"]

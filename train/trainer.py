@@ -1,0 +1,252 @@
+"""The trainer: AdamW, a warm-up + cosine schedule, gradient clipping, mixed precision on CUDA, evaluation
+and a sample grid every epoch, metrics as JSON lines, atomic checkpoints and exact resume.
+
+It knows a model only through an Objective (loss, evaluate, sample). Exact resume: the data order of
+epoch e is a permutation seeded by (seed, e), dynamic binarization is seeded by (seed, step), and the
+checkpoint holds the weights, the optimizer state, the torch RNG state and the step; a resumed run on the
+CPU therefore repeats the uninterrupted run's losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from genforge.runtime.progress import Progress, chunks
+from torch import nn
+
+from . import checkpoint as ckpt
+from .data import ImageData, dynamic_binarize
+from .images import save_grid
+from .objectives import Objective
+
+SCHEDULES = ("cosine", "constant")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN loss, a resume that does not match the run)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    steps: int = 0  # total optimizer steps; 0: epochs x steps per epoch
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # 0: off
+    seed: int = 0
+    amp: bool = True  # bfloat16 autocast, on CUDA only
+    eval_batch_size: int = 256
+    eval_limit: int = 0  # images of the held-out split scored per epoch; 0: all
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of each epoch only
+    n_samples: int = 64  # images in each epoch's sample grid; 0: none
+    log_every: int = 10
+    dynamic_binarize: bool = False
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.batch_size < 1 or self.epochs < 1 or self.steps < 0 or self.lr <= 0:
+            raise ValueError("need batch_size >= 1, epochs >= 1, steps >= 0 and lr > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for, but torch sees no CUDA device")
+    if device not in ("cpu", "cuda"):
+        raise TrainingError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        train_data: ImageData,
+        valid_data: ImageData | None,
+        run_dir: str | Path,
+        config: TrainConfig,
+        *,
+        device: torch.device | None = None,
+        progress: bool = True,
+    ) -> None:
+        config.validate()
+        self.model = model
+        self.objective = objective
+        self.train_data = train_data
+        self.valid_data = valid_data
+        self.run_dir = Path(run_dir)
+        self.cfg = config
+        self.device = device or torch.device("cpu")
+        self.show_progress = progress
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        n = len(train_data)
+        self.steps_per_epoch = max(1, n // config.batch_size)
+        self.total_steps = config.steps or config.epochs * self.steps_per_epoch
+        self.step = 0
+
+    # ------------------------------------------------------------ schedule and data order
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if c.warmup_steps and step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        if c.schedule == "constant":
+            return c.lr
+        span = max(1, self.total_steps - c.warmup_steps)
+        t = min(1.0, (step - c.warmup_steps) / span)
+        return c.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_data))
+        bs = min(self.cfg.batch_size, len(self.train_data))
+        return perm[within * bs : (within + 1) * bs]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = self.batch_indices(step)
+        images = self.train_data.images[idx]  # (B, H, W, C) uint8
+        if self.cfg.dynamic_binarize:
+            rng = np.random.default_rng([self.cfg.seed, step, 1])
+            images = dynamic_binarize(images, self.train_data.levels, rng)
+        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).long().to(self.device)
+        labels = self.train_data.labels
+        y = None if labels is None else torch.from_numpy(labels[idx]).to(self.device)
+        return x, y
+
+    # ------------------------------------------------------------ checkpoints
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / ckpt.STATE_FILE
+
+    def save_checkpoint(self) -> None:
+        # Weights first: each file is complete on its own, and resume reads only the trainer state.
+        ckpt.save_weights(self.run_dir / ckpt.WEIGHTS_FILE, self.model, {"step": str(self.step)})
+        ckpt.save_state(
+            self.state_path,
+            {
+                "step": self.step,
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        )
+
+    def resume(self) -> None:
+        state = ckpt.load_state(self.state_path)
+        try:
+            ckpt.load_state_checked(self.model, state["model"], self.state_path)
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            if state["cuda_rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            self.step = int(state["step"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"{self.state_path}: trainer state does not match this run ({e})") from None
+        ckpt.truncate_metrics(self.run_dir / ckpt.METRICS_FILE, lambda r: int(r.get("step", 0)) <= self.step)
+
+    # ------------------------------------------------------------ evaluation and samples
+
+    @torch.no_grad()
+    def evaluate(self, data: ImageData, limit: int = 0) -> dict[str, float]:
+        self.model.eval()
+        n = len(data) if not limit else min(limit, len(data))
+        totals: dict[str, float] = {}
+        for a, b in chunks(n, self.cfg.eval_batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(data.images[a:b].transpose(0, 3, 1, 2))).long()
+            y = None if data.labels is None else torch.from_numpy(data.labels[a:b]).to(self.device)
+            with self.autocast():
+                scores = self.objective.evaluate(self.model, x.to(self.device), y)
+            for k, v in scores.items():
+                totals[k] = totals.get(k, 0.0) + v
+        self.model.train()
+        return self.objective.summarize(totals, n)
+
+    def write_samples(self, epoch: int) -> Path | None:
+        n = self.cfg.n_samples
+        if n <= 0:
+            return None
+        classes = getattr(getattr(self.model, "config", None), "num_classes", 0)
+        labels = np.arange(n, dtype=np.int64) % classes if classes else None
+        self.model.eval()
+        images = self.objective.sample(self.model, n, self.cfg.seed, labels)
+        self.model.train()
+        path = self.run_dir / "samples" / f"epoch_{epoch:03d}.png"
+        save_grid(path, images, levels=self.train_data.levels)
+        return path
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.cfg.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, float]:
+        """Train until ``total_steps``; returns the last held-out metrics (empty when there is no split)."""
+        metrics_path = self.run_dir / ckpt.METRICS_FILE
+        self.model.train()
+        last_eval: dict[str, float] = {}
+        t0 = time.monotonic()
+        with Progress(self.total_steps, "train", enabled=self.show_progress) as bar:
+            bar.update(self.step)
+            while self.step < self.total_steps:
+                step = self.step
+                lr = self.lr_at(step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                x, y = self.batch(step)
+                with self.autocast():
+                    loss, batch_metrics = self.objective.loss(self.model, x, y)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {float(loss.detach())} at step {step}; the last checkpoint in {self.run_dir} "
+                        "is intact (lower --lr or check the data)"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                self.optimizer.step()
+                self.step = step + 1
+                record = {"step": self.step, "loss": float(loss.detach()), "lr": lr, **batch_metrics}
+                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                    ckpt.append_jsonl(metrics_path, {**record, "time": round(time.monotonic() - t0, 3)})
+                bar.update(1, loss=record["loss"])
+                epoch_end = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+                if epoch_end:
+                    last_eval = self.end_epoch(metrics_path)
+                if epoch_end or (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0):
+                    self.save_checkpoint()
+        return last_eval
+
+    def end_epoch(self, metrics_path: Path) -> dict[str, float]:
+        epoch = math.ceil(self.step / self.steps_per_epoch)
+        out: dict[str, float] = {}
+        if self.valid_data is not None:
+            out = self.evaluate(self.valid_data, self.cfg.eval_limit)
+            ckpt.append_jsonl(metrics_path, {"step": self.step, "epoch": epoch, "split": "valid", **out})
+        grid = self.write_samples(epoch)
+        if self.show_progress:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in out.items())
+            print(f"epoch {epoch} step {self.step}: {shown} samples={grid}".rstrip(), flush=True)
+        return out

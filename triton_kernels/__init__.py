@@ -1,0 +1,1 @@
+"""genforge.triton_kernels."""
