@@ -19,6 +19,7 @@ CLEAN_ERRORS = (
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "InputError",
     "ExportError",
     "RuntimeBackendError",
     "TrainingError",

@@ -96,3 +96,61 @@ def train_command(**o: object) -> None:
     click.echo(f"run: {result.run_dir} (step {result.steps}) {summary}".rstrip())
     if result.samples is not None:
         click.echo(f"samples: {Path(result.samples)}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--format", "formats", type=click.Choice(["onnx", "torchscript", "all"]), multiple=True,
+              default=("onnx",), show_default=True, help="Graph format(s) to export; repeatable, or 'all'.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
+@click.option("--opset", type=click.IntRange(13, 23), default=17, show_default=True, help="ONNX opset.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Largest |eager - exported| allowed on fresh random inputs.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
+@one_line_errors
+def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int, tolerance: float,
+                   overwrite: bool) -> None:
+    """Export the model of RUN_DIR to a verified bundle (manifest.json + graphs)."""
+    from genforge.export import export_run
+
+    chosen = ("onnx", "torchscript") if "all" in formats else tuple(dict.fromkeys(formats))
+    path = export_run(run_dir, out, formats=chosen, opset=opset, tolerance=tolerance, overwrite=overwrite)
+    click.echo(f"bundle: {path} ({', '.join(chosen)})")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("bundle", type=click.Path())
+@click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64, show_default=True, help="Images to draw.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Image i's randomness comes from (seed, i): results do not depend on batch size or backend.")
+@click.option("--backend", type=click.Choice(["auto", "onnx", "torchscript"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--labels", default=None, metavar="I,J,...",
+              help="Class labels for a conditional model: one per image, or one for all (default: i % classes).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Output: .png (a grid) or .npz (uint8 array under 'images').")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@one_line_errors
+def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str, device: str, labels: str | None,
+                   out: str, overwrite: bool, quiet: bool) -> None:
+    """Sample N images from BUNDLE and write them to OUT."""
+    from genforge.runtime import InputError, load
+    from genforge.runtime.files import save_images
+
+    if not out.lower().endswith((".png", ".npz")):
+        raise click.BadParameter("must end in .png or .npz", param_hint="--out")
+    if Path(out).exists() and not overwrite:
+        raise click.ClickException(f"{out}: exists (pass --overwrite)")
+    sampler = load(bundle, backend=backend, device=device)
+    lab = None
+    if labels is not None:
+        try:
+            values = [int(v) for v in labels.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"--labels must be comma-separated integers, got {labels!r}") from None
+        lab = values * n if len(values) == 1 else values
+    images = sampler.sample(n, seed=seed, batch_size=batch_size, labels=lab, progress=not quiet)
+    save_images(out, images, levels=sampler.levels, overwrite=overwrite)
+    click.echo(f"wrote {n} images ({sampler.backend.name}, {sampler.backend.device}) to {out}")

@@ -101,6 +101,8 @@ class AutoregressiveModel(nn.Module):
         raise NotImplementedError
 
     def check_input(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
+        if torch.jit.is_tracing():  # exported graphs have a symbolic batch; the exporter checks shapes itself
+            return
         c = self.config
         if x.dim() != 4 or tuple(x.shape[1:]) != (c.channels, c.height, c.width):
             raise ValueError(

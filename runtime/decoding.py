@@ -54,7 +54,7 @@ def naive_decode(
                 log_probs = forward(x, labels)  # (B, C, H, W, K)
                 x[:, k, i, j] = inverse_cdf(log_probs[:, k, i, j], u[:, i, j, k])
         if progress is not None:
-            progress.update(1)
+            progress.update(b)  # images x rows
     if x.max(initial=0) >= levels:
         raise RuntimeError(f"decoded a level >= {levels}: the backend returned a malformed distribution")
     return x.transpose(0, 2, 3, 1).astype(np.uint8)

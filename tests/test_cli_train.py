@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
+
 from genforge.cli.main import train_command
 
 TINY = ["--set", "hidden=4", "--set", "layers=1", "--set", "output_hidden=4", "--samples", "4", "--quiet"]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from genforge.train.data import DataError, dynamic_binarize, load_dataset, quantize
 from PIL import Image
+
+from genforge.train.data import DataError, dynamic_binarize, load_dataset, quantize
 
 
 def write_idx(path: Path, arr: np.ndarray, *, gz: bool) -> None:

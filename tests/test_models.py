@@ -6,9 +6,10 @@ import itertools
 
 import pytest
 import torch
+from helpers import causality_violations, dependency_matrix, tiny_config
+
 from genforge.models import MODELS, ConfigError, build_model, causal_mask, make_config
 from genforge.models.heads import make_head, nll_from_log_probs
-from helpers import causality_violations, dependency_matrix, tiny_config
 
 AR_MODELS = [name for name, spec in MODELS.items() if spec.family == "autoregressive"]
 HEADS = [("bernoulli", 2), ("categorical", 5), ("logistic-mixture", 7)]

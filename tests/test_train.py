@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from genforge.runtime.files import atomic_open, atomic_write_json
 from genforge.train import DataSpec, TrainConfig, Trainer, TrainingError, UsageError, load_run, train_run
 from genforge.train import checkpoint as ckpt
 from genforge.train.objectives import objective_for
@@ -119,8 +121,8 @@ def test_foreign_files_are_refused_without_running_code(tmp_path: Path) -> None:
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
     path = tmp_path / "f.json"
-    ckpt.atomic_write_json(path, {"a": 1})
-    with pytest.raises(RuntimeError), ckpt.atomic_open(path) as f:
+    atomic_write_json(path, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_open(path) as f:
         f.write(b"half")
         raise RuntimeError("killed mid-write")
     assert json.loads(path.read_text()) == {"a": 1}

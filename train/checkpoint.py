@@ -1,28 +1,27 @@
 """The run directory: config.json, model.safetensors, trainer_state.pt, metrics.jsonl, samples/.
 
-Every write is atomic (a temp file in the same directory, fsync, rename, fsync of the directory), so a
+Every write is atomic (``genforge.runtime.files.atomic_open``), so a
 crash at any moment leaves either the old file or the new one, never half of one. Nothing here executes
 code from a file: configs are JSON, weights safetensors, the trainer state ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
-from genforge.models import build_model, get_spec
-from genforge.models.base import ConfigError, ImageConfig
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
+
+from genforge.models import build_model, get_spec
+from genforge.models.base import ConfigError, ImageConfig
+from genforge.runtime.files import atomic_open, atomic_write_bytes
 
 RUN_FORMAT = "genforge-run"
 RUN_VERSION = 1
@@ -36,43 +35,6 @@ METRICS_FILE = "metrics.jsonl"
 
 class CheckpointError(ValueError):
     """A run directory or checkpoint is missing, corrupt, foreign or of an unknown version."""
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temp file beside ``path``; on success fsync and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: str | Path, what: str) -> Any:

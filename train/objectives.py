@@ -10,10 +10,11 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
+
 from genforge.models import AutoregressiveModel
 from genforge.runtime.decoding import naive_decode
 from genforge.runtime.randomness import uniforms
-from torch import nn
 
 
 class Objective(Protocol):

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from genforge.models import get_spec
 from genforge.models.base import ConfigError
+from genforge.runtime.files import atomic_write_json
 
 from . import checkpoint as ckpt
 from .data import DataError, ImageData, load_dataset
@@ -131,7 +133,7 @@ def _start(
     run_dir = Path(out) if out is not None else next_run_dir(Path("runs"), f"{model_name}-{data.name}")
     prepare_out_dir(run_dir, overwrite=overwrite)
     run = ckpt.RunConfig(model_name, model_cfg, vars(data), tcfg.to_dict())
-    ckpt.atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
+    atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
     return _fit(run, run_dir, train_data, device, progress, resume=False)
 
 
@@ -142,7 +144,7 @@ def _resume(out: str | Path | None, extend: dict[str, int], device: str, progres
     run = ckpt.read_run_config(run_dir)
     if extend:
         run.train.update(extend)
-        ckpt.atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
+        atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
     data = DataSpec(**run.data)
     return _fit(run, run_dir, data.load(data.split, int(run.train["seed"])), device, progress, resume=True)
 

@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from genforge.runtime.progress import Progress, chunks
 from torch import nn
+
+from genforge.runtime.files import save_grid
+from genforge.runtime.progress import Progress, chunks
 
 from . import checkpoint as ckpt
 from .data import ImageData, dynamic_binarize
-from .images import save_grid
 from .objectives import Objective
 
 SCHEDULES = ("cosine", "constant")

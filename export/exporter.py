@@ -1,0 +1,237 @@
+"""Export a trained run to a bundle of ONNX and/or TorchScript graphs, verified against eager PyTorch.
+
+Each family says which graphs it exports (``graph_defs``): a wrapper module with named inputs and outputs
+and a way to draw random inputs. Every graph is verified after export: eager and exported outputs are
+compared on fresh random inputs at a batch size other than the one traced (so the dynamic batch
+dimension is exercised too); the largest difference goes into the manifest and the export fails if it
+exceeds the tolerance.
+
+ONNX uses torch's TorchScript-based exporter (``dynamo=False``): the dynamo exporter would add onnxscript
+as a dependency, and these graphs (convolutions, elementwise ops, reductions) are what the classic exporter
+handles well. TorchScript uses ``torch.jit.trace``: the graphs have no data-dependent control flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import secrets
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from genforge.models import AutoregressiveModel
+from genforge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FORMATS, MANIFEST, read_bundle, sha256_file
+from genforge.runtime.files import atomic_write_json
+from genforge.train.checkpoint import load_run
+
+DEFAULT_OPSET = 17
+DEFAULT_TOLERANCE = 1e-4  # max |eager - exported| on float32 outputs (log-probabilities are O(1)-O(10))
+
+
+class ExportError(RuntimeError):
+    """Export failed, or the exported graph does not match eager PyTorch within the tolerance."""
+
+
+@dataclass
+class GraphDef:
+    """A graph to export: a module taking positional tensors named ``inputs`` and returning ``outputs``."""
+
+    name: str
+    module: nn.Module
+    inputs: list[dict[str, Any]]  # {"name", "shape" (with "batch"), "dtype"}
+    outputs: list[dict[str, Any]]
+    make_inputs: Callable[[int, torch.Generator], tuple[torch.Tensor, ...]]
+
+
+class _ForwardGraph(nn.Module):
+    """x (B, C, H, W) float32 levels [, labels (B,) int64] -> log_probs (B, C, H, W, K)."""
+
+    def __init__(self, model: AutoregressiveModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x, labels)
+
+
+def autoregressive_graphs(model: AutoregressiveModel) -> list[GraphDef]:
+    c = model.config
+    x_spec = {"name": "x", "shape": ["batch", c.channels, c.height, c.width], "dtype": "float32"}
+    inputs = [x_spec]
+    if c.num_classes:
+        inputs.append({"name": "labels", "shape": ["batch"], "dtype": "int64"})
+
+    def make(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        x = torch.randint(0, c.levels, (batch, c.channels, c.height, c.width), generator=g).float()
+        if not c.num_classes:
+            return (x,)
+        return x, torch.randint(0, c.num_classes, (batch,), generator=g)
+
+    out = {"name": "log_probs", "shape": ["batch", c.channels, c.height, c.width, c.levels], "dtype": "float32"}
+    return [GraphDef("forward", _ForwardGraph(model), inputs, [out], make)]
+
+
+def graph_defs(model: nn.Module) -> list[GraphDef]:
+    if isinstance(model, AutoregressiveModel):
+        return autoregressive_graphs(model)
+    raise ExportError(f"no exporter for {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Any:
+    # The TorchScript-based exporters warn about their own deprecation and about traced shape checks;
+    # parity verification below is what tells whether the trace is right.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _export_onnx(g: GraphDef, path: Path, example: tuple[torch.Tensor, ...], opset: int) -> None:
+    import onnx
+
+    names_in = [i["name"] for i in g.inputs]
+    names_out = [o["name"] for o in g.outputs]
+    dynamic = {n: {0: "batch"} for n in names_in + names_out}
+    buf = io.BytesIO()
+    with _quiet_export(), contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(
+            g.module, example, buf, input_names=names_in, output_names=names_out, dynamic_axes=dynamic,
+            opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"graph {g.name!r} fails onnx.checker: {str(e).splitlines()[0]}") from None
+    path.write_bytes(proto.SerializeToString())
+
+
+def _export_torchscript(g: GraphDef, path: Path, example: tuple[torch.Tensor, ...]) -> None:
+    with _quiet_export():
+        traced = torch.jit.trace(g.module, example, check_trace=False)
+        traced.save(str(path))
+
+
+def _run_exported(fmt: str, path: Path, g: GraphDef, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = {spec["name"]: t.numpy() for spec, t in zip(g.inputs, inputs, strict=True)}
+        return list(sess.run(None, feed))
+    with _quiet_export():
+        module = torch.jit.load(str(path), map_location="cpu")
+    out = module(*inputs)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.detach().numpy() for o in outs]
+
+
+def verify(fmt: str, path: Path, g: GraphDef, *, batch: int = 3, seed: int | None = None) -> dict[str, Any]:
+    """Max |eager - exported| over every output on fresh random inputs."""
+    seed = secrets.randbits(31) if seed is None else seed
+    inputs = g.make_inputs(batch, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        eager = g.module(*inputs)
+    eager_outs = eager if isinstance(eager, (tuple, list)) else (eager,)
+    exported = _run_exported(fmt, path, g, inputs)
+    worst = 0.0
+    for name, a, b in zip([o["name"] for o in g.outputs], eager_outs, exported, strict=True):
+        a_np = a.detach().numpy()
+        if a_np.shape != b.shape:
+            raise ExportError(f"{fmt} graph {g.name!r} output {name!r} has shape {b.shape}, eager {a_np.shape}")
+        worst = max(worst, float(np.max(np.abs(a_np.astype(np.float64) - b.astype(np.float64)), initial=0.0)))
+    return {"max_abs_diff": worst, "batch": batch, "seed": seed}
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    formats: tuple[str, ...] = ("onnx",),
+    opset: int = DEFAULT_OPSET,
+    tolerance: float = DEFAULT_TOLERANCE,
+    overwrite: bool = False,
+    ema: bool = False,
+) -> Path:
+    """Export the model of a run directory into a bundle directory ``out``; returns its path."""
+    for fmt in formats:
+        if fmt not in GRAPH_FORMATS:
+            raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(GRAPH_FORMATS)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out}: output directory exists and is not empty (pass --overwrite)")
+    model, run = load_run(run_dir, ema=ema)
+    model = model.float().cpu().eval()
+    defs = graph_defs(model)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        graphs: dict[str, Any] = {}
+        parity: dict[str, Any] = {}
+        for g in defs:
+            example = g.make_inputs(2, torch.Generator().manual_seed(0))
+            for fmt in formats:
+                fname = f"{g.name}.{'onnx' if fmt == 'onnx' else 'pt'}"
+                path = tmp / fname
+                with torch.no_grad():
+                    if fmt == "onnx":
+                        _export_onnx(g, path, example, opset)
+                    else:
+                        _export_torchscript(g, path, example)
+                check = verify(fmt, path, g)
+                check["tolerance"] = tolerance
+                if not check["max_abs_diff"] <= tolerance:
+                    raise ExportError(
+                        f"{fmt} graph {g.name!r} differs from eager PyTorch by {check['max_abs_diff']:.3g} "
+                        f"(tolerance {tolerance:g})"
+                    )
+                key = f"{g.name}.{fmt}"
+                graphs[key] = {"format": fmt, "file": fname, "inputs": g.inputs, "outputs": g.outputs}
+                parity[key] = check
+        cfg = model.config
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "family": type(model).family,
+            "model": run.model,
+            "model_config": cfg.to_dict(),
+            "image": {"channels": cfg.channels, "height": cfg.height, "width": cfg.width},
+            "levels": cfg.levels,
+            "likelihood": getattr(cfg, "likelihood", None),
+            "num_classes": cfg.num_classes,
+            "latent_size": getattr(cfg, "latent_size", None),
+            "graphs": graphs,
+            "parity": parity,
+            "opset": opset if "onnx" in formats else None,
+            "versions": {"genforge": _version("genforge"), "torch": torch.__version__, "onnx": _version("onnx")},
+            "source": {"run_dir": str(Path(run_dir).resolve()), "ema": ema},
+            "files": {f: sha256_file(tmp / f) for f in sorted(g["file"] for g in graphs.values())},
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        read_bundle(tmp)  # the bundle must pass the runtime's own validation before it is published
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,138 @@
+"""The bundle: a directory with ``manifest.json`` and the exported graphs.
+
+The reader owns the format (the exporter imports these definitions), and validates everything before a
+backend touches a file: the format name and version, the fields a sampler needs, every listed file's
+presence and sha256. Anything it does not understand is a BundleError with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BUNDLE_FORMAT = "genforge-bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH_FORMATS = ("onnx", "torchscript")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, truncated, tampered with, foreign or of an unknown version."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: its file, format and I/O signature (the batch dimension is named "batch")."""
+
+    name: str
+    format: str
+    file: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def family(self) -> str:
+        return str(self.manifest["family"])
+
+    @property
+    def model(self) -> str:
+        return str(self.manifest["model"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of sampled images."""
+        s = self.manifest["image"]
+        return int(s["height"]), int(s["width"]), int(s["channels"])
+
+    @property
+    def levels(self) -> int:
+        return int(self.manifest["levels"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest.get("num_classes") or 0)
+
+    @property
+    def formats(self) -> list[str]:
+        return sorted({g["format"] for g in self.manifest["graphs"].values()})
+
+    def graph(self, name: str, fmt: str) -> GraphSpec:
+        key = f"{name}.{fmt}"
+        g = self.manifest["graphs"].get(key)
+        if g is None:
+            have = ", ".join(sorted(self.manifest["graphs"])) or "none"
+            raise BundleError(f"{self.path}: the bundle has no {fmt} graph {name!r} (it has: {have})")
+        return GraphSpec(name, g["format"], g["file"], g["inputs"], g["outputs"])
+
+    def file(self, graph: GraphSpec) -> Path:
+        return self.path / graph.file
+
+
+REQUIRED = ("format", "version", "family", "model", "model_config", "image", "levels", "graphs", "files")
+
+
+def read_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
+    """Read and validate a bundle directory (or its manifest.json)."""
+    p = Path(path)
+    if p.is_file() and p.name == MANIFEST:
+        p = p.parent
+    manifest_path = p / MANIFEST
+    if not p.exists():
+        raise BundleError(f"{p}: no such bundle")
+    if not manifest_path.is_file():
+        raise BundleError(f"{p}: not a genforge bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{manifest_path}: corrupt manifest (not valid JSON: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{manifest_path}: not a genforge bundle manifest (format is not {BUNDLE_FORMAT!r})")
+    if manifest.get("version") != BUNDLE_VERSION:
+        raise BundleError(
+            f"{manifest_path}: bundle format version {manifest.get('version')!r} is not supported "
+            f"(this genforge reads version {BUNDLE_VERSION})"
+        )
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise BundleError(f"{manifest_path}: manifest lacks field(s) {', '.join(missing)}")
+    files = manifest["files"]
+    graphs = manifest["graphs"]
+    if not isinstance(files, dict) or not isinstance(graphs, dict) or not graphs:
+        raise BundleError(f"{manifest_path}: manifest 'files' and 'graphs' must be non-empty objects")
+    for key, g in graphs.items():
+        if not isinstance(g, dict) or g.get("format") not in GRAPH_FORMATS or g.get("file") not in files:
+            raise BundleError(f"{manifest_path}: graph {key!r} is malformed or names a file not in 'files'")
+    for name, digest in files.items():
+        f = p / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"{manifest_path}: file name {name!r} points outside the bundle")
+        if not f.is_file():
+            raise BundleError(f"{f}: missing bundle file")
+        if verify_hashes and sha256_file(f) != digest:
+            raise BundleError(f"{f}: sha256 does not match the manifest (the file was modified or truncated)")
+    return Bundle(p, manifest)

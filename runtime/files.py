@@ -1,0 +1,101 @@
+"""Atomic file writes (temp file in the same directory, fsync, rename, fsync of the directory) and PNG
+grids; torch-free, shared by training, export and sampling."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path``; on success fsync and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def to_display(images: np.ndarray, levels: int) -> np.ndarray:
+    """uint8 levels in [0, levels - 1] -> uint8 intensities in [0, 255]."""
+    if levels == 256:
+        return images
+    return (images.astype(np.float64) * (255.0 / (levels - 1))).round().astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, *, nrow: int | None = None, pad: int = 1) -> np.ndarray:
+    """(N, H, W, C) -> one (rows * (H + pad) + pad, cols * (W + pad) + pad, C) image."""
+    n, h, w, c = images.shape
+    cols = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 128, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y : y + h, x : x + w] = im
+    return grid
+
+
+def save_grid(path: str | Path, images: np.ndarray, *, levels: int, nrow: int | None = None, scale: int = 0) -> None:
+    """Write a PNG grid; small images are upscaled (nearest) so a grid of 8x8 digits is visible."""
+    from PIL import Image
+
+    grid = make_grid(to_display(images, levels), nrow=nrow)
+    s = scale or max(1, 256 // max(grid.shape[:2]))
+    if s > 1:
+        grid = grid.repeat(s, axis=0).repeat(s, axis=1)
+    im = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    with atomic_open(path, "wb") as f:
+        im.save(f, format="PNG")
+
+
+def save_images(path: str | Path, images: np.ndarray, *, levels: int, overwrite: bool = False) -> Path:
+    """``.png``: a grid; ``.npz``: the raw uint8 array under ``images`` (with ``levels``)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(None, "exists", str(path))
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        save_grid(path, images, levels=levels)
+    elif suffix == ".npz":
+        with atomic_open(path, "wb") as f:
+            np.savez(f, images=images, levels=np.int64(levels))
+    else:
+        raise ValueError(f"{path}: output must end in .png or .npz")
+    return path

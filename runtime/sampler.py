@@ -1,0 +1,107 @@
+"""Samplers: what ``genforge.runtime.load`` returns. They own batching, labels and randomness; the
+decoding loop itself is in decoding.py and the graphs run in a backend."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backends import Backend
+from .bundle import Bundle
+from .decoding import naive_decode
+from .progress import Progress, chunks
+from .randomness import uniforms
+
+
+class InputError(ValueError):
+    """Arguments that do not fit the bundle (image shape, levels, labels)."""
+
+
+class Sampler:
+    """Common to every family: the bundle, the backend, batching and labels."""
+
+    def __init__(self, bundle: Bundle, backend: Backend) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.image_shape = bundle.image_shape  # (H, W, C)
+        self.levels = bundle.levels
+        self.num_classes = bundle.num_classes
+
+    def __repr__(self) -> str:
+        h, w, c = self.image_shape
+        return (f"{type(self).__name__}(model={self.bundle.model!r}, image={h}x{w}x{c}, levels={self.levels}, "
+                f"backend={self.backend.name!r}, device={self.backend.device!r})")
+
+    def resolve_labels(self, n: int, labels: np.ndarray | list[int] | None, start: int = 0) -> np.ndarray | None:
+        """Class labels for images start..start+n-1: as given, or image i gets class i % num_classes."""
+        if not self.num_classes:
+            if labels is not None:
+                raise InputError("this model is unconditional: do not pass labels")
+            return None
+        if labels is None:
+            return np.arange(start, start + n, dtype=np.int64) % self.num_classes
+        arr = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if arr.shape != (n,):
+            raise InputError(f"expected {n} labels, got {arr.size}")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.num_classes):
+            raise InputError(f"labels must lie in [0, {self.num_classes - 1}]")
+        return arr
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        h, w, c = self.image_shape
+        if images.ndim != 4 or images.shape[1:] != (h, w, c):
+            raise InputError(f"expected images of shape (N, {h}, {w}, {c}), got {images.shape}")
+        if not np.issubdtype(images.dtype, np.integer):
+            raise InputError(f"expected integer levels, got dtype {images.dtype}")
+        if images.size and (images.min() < 0 or images.max() >= self.levels):
+            raise InputError(f"image values must be levels in [0, {self.levels - 1}]")
+        return images
+
+
+class AutoregressiveSampler(Sampler):
+    """Samples and scores images of an autoregressive bundle (PixelCNN, Gated PixelCNN, PixelRNN)."""
+
+    def forward(self, x: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        """x float32 (B, C, H, W) levels -> log-probabilities (B, C, H, W, K)."""
+        feed = {"x": np.ascontiguousarray(x, dtype=np.float32)}
+        if labels is not None:
+            feed["labels"] = labels
+        return self.backend.run("forward", feed)[0]
+
+    def sample(
+        self,
+        n: int,
+        *,
+        seed: int = 0,
+        batch_size: int = 64,
+        labels: np.ndarray | list[int] | None = None,
+        start: int = 0,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """n images as uint8 levels (n, H, W, C). Image i's randomness comes from (seed, start + i) alone."""
+        if n < 0:
+            raise InputError(f"n must be >= 0, got {n}")
+        h, w, c = self.image_shape
+        lab = self.resolve_labels(n, labels, start)
+        out = np.zeros((n, h, w, c), dtype=np.uint8)
+        with Progress(n * h, "sample", enabled=progress) as bar:
+            for a, b in chunks(n, batch_size):
+                u = uniforms(seed, start + a, start + b, (h, w, c))
+                out[a:b] = naive_decode(
+                    self.forward, u, labels=None if lab is None else lab[a:b], levels=self.levels, progress=bar
+                )
+        return out
+
+    def log_prob(
+        self, images: np.ndarray, *, labels: np.ndarray | list[int] | None = None, batch_size: int = 64
+    ) -> np.ndarray:
+        """log p(image) in nats for each image: float64 (N,)."""
+        images = self.check_images(images)
+        lab = self.resolve_labels(len(images), labels)
+        out = np.zeros(len(images), dtype=np.float64)
+        for a, b in chunks(len(images), batch_size):
+            x = images[a:b].transpose(0, 3, 1, 2)  # (B, C, H, W)
+            lp = self.forward(x.astype(np.float32), None if lab is None else lab[a:b])  # (B, C, H, W, K)
+            picked = np.take_along_axis(lp, x[..., None].astype(np.int64), axis=-1)[..., 0]
+            out[a:b] = picked.astype(np.float64).reshape(b - a, -1).sum(axis=1)
+        return out
