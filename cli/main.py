@@ -126,6 +126,13 @@ def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int,
               help="Image i's randomness comes from (seed, i): results do not depend on batch size or backend.")
 @click.option("--backend", type=click.Choice(["auto", "onnx", "torchscript"]), default="auto", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--decoder", type=click.Choice(["auto", "cached", "naive"]), default="auto", show_default=True,
+              help="cached: the incremental form, about one forward pass per image (auto picks it when the bundle "
+              "has it); naive: one full forward pass per sub-pixel. Same seed, same images.")
+@click.option("--complete", "complete_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Image completion: a .npz whose 'images' (N, H, W, C) uint8 levels are kept for --rows rows; "
+              "the rest is sampled (N replaces -n).")
+@click.option("--rows", type=click.IntRange(min=0), default=None, help="Rows kept with --complete.")
 @click.option("--labels", default=None, metavar="I,J,...",
               help="Class labels for a conditional model: one per image, or one for all (default: i % classes).")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
@@ -133,17 +140,24 @@ def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int,
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
-def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str, device: str, labels: str | None,
-                   out: str, overwrite: bool, quiet: bool) -> None:
+def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str, device: str, decoder: str,
+                   complete_path: str | None, rows: int | None, labels: str | None, out: str, overwrite: bool,
+                   quiet: bool) -> None:
     """Sample N images from BUNDLE and write them to OUT."""
     from genforge.runtime import InputError, load
-    from genforge.runtime.files import save_images
+    from genforge.runtime.files import read_images_npz, save_images
 
     if not out.lower().endswith((".png", ".npz")):
         raise click.BadParameter("must end in .png or .npz", param_hint="--out")
     if Path(out).exists() and not overwrite:
         raise click.ClickException(f"{out}: exists (pass --overwrite)")
+    if (complete_path is None) != (rows is None):
+        raise click.UsageError("--complete and --rows go together")
     sampler = load(bundle, backend=backend, device=device)
+    prefix = None
+    if complete_path is not None:
+        prefix = read_images_npz(complete_path)
+        n = len(prefix)
     lab = None
     if labels is not None:
         try:
@@ -151,6 +165,10 @@ def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str
         except ValueError:
             raise InputError(f"--labels must be comma-separated integers, got {labels!r}") from None
         lab = values * n if len(values) == 1 else values
-    images = sampler.sample(n, seed=seed, batch_size=batch_size, labels=lab, progress=not quiet)
+    kw = {"seed": seed, "batch_size": batch_size, "labels": lab, "decoder": decoder, "progress": not quiet}
+    if prefix is not None:
+        images = sampler.complete(prefix, int(rows or 0), **kw)  # type: ignore[attr-defined]
+    else:
+        images = sampler.sample(n, **kw)  # type: ignore[attr-defined]
     save_images(out, images, levels=sampler.levels, overwrite=overwrite)
     click.echo(f"wrote {n} images ({sampler.backend.name}, {sampler.backend.device}) to {out}")

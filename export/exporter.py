@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from genforge.models import AutoregressiveModel
+from genforge.models.incremental import IncrementalModel, incremental
 from genforge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FORMATS, MANIFEST, read_bundle, sha256_file
 from genforge.runtime.files import atomic_write_json
 from genforge.train.checkpoint import load_run
@@ -65,6 +66,75 @@ class _ForwardGraph(nn.Module):
         return self.model(x, labels)
 
 
+class _StepGraph(nn.Module):
+    """x_row (B, C, W), j (1,), *caches [, labels] -> log_probs (B, C, K), *caches."""
+
+    def __init__(self, inc: IncrementalModel, conditional: bool) -> None:
+        super().__init__()
+        self.inc = inc
+        self.conditional = conditional
+
+    def forward(self, x_row: torch.Tensor, j: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        caches, labels = (list(rest[:-1]), rest[-1]) if self.conditional else (list(rest), None)
+        log_probs, new = self.inc.step(x_row, j, caches, labels)
+        return (log_probs, *new)
+
+
+class _RowGraph(nn.Module):
+    """x_prev_row (B, C, W), has_prev (1,), *caches [, labels] -> *caches."""
+
+    def __init__(self, inc: IncrementalModel, conditional: bool) -> None:
+        super().__init__()
+        self.inc = inc
+        self.conditional = conditional
+
+    def forward(self, x_prev_row: torch.Tensor, has_prev: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: E501
+        caches, labels = (list(rest[:-1]), rest[-1]) if self.conditional else (list(rest), None)
+        return tuple(self.inc.row(x_prev_row, has_prev, caches, labels))
+
+
+def cached_graphs(model: AutoregressiveModel) -> list[GraphDef]:
+    """The ``row`` and ``step`` graphs of the incremental form; caches are explicit inputs and outputs."""
+    c = model.config
+    inc = incremental(model)
+    specs = inc.cache_specs()
+    cache_in = [{"name": f"cache_{n}", "shape": ["batch", *s], "dtype": "float32"} for n, s in specs]
+    cache_out = [{"name": f"new_{n}", "shape": ["batch", *s], "dtype": "float32"} for n, s in specs]
+    label_in = [{"name": "labels", "shape": ["batch"], "dtype": "int64"}] if c.num_classes else []
+    row_x = {"shape": ["batch", c.channels, c.width], "dtype": "float32"}
+
+    def random_caches(batch: int, g: torch.Generator) -> list[torch.Tensor]:
+        # Random caches exercise every weight; zeros would hide a wrong one.
+        return [torch.randn((batch, *s), generator=g) for _, s in specs]
+
+    def random_labels(batch: int, g: torch.Generator) -> list[torch.Tensor]:
+        return [torch.randint(0, c.num_classes, (batch,), generator=g)] if c.num_classes else []
+
+    def make_step(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        x = torch.randint(0, c.levels, (batch, c.channels, c.width), generator=g).float()
+        j = torch.randint(0, c.width, (1,), generator=g)
+        return (x, j, *random_caches(batch, g), *random_labels(batch, g))
+
+    def make_row(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        x = torch.randint(0, c.levels, (batch, c.channels, c.width), generator=g).float()
+        return (x, torch.ones(1), *random_caches(batch, g), *random_labels(batch, g))
+
+    lp = {"name": "log_probs", "shape": ["batch", c.channels, c.levels], "dtype": "float32"}
+    return [
+        GraphDef(
+            "step", _StepGraph(inc, bool(c.num_classes)),
+            [{"name": "x_row", **row_x}, {"name": "j", "shape": [1], "dtype": "int64"}, *cache_in, *label_in],
+            [lp, *cache_out], make_step,
+        ),
+        GraphDef(
+            "row", _RowGraph(inc, bool(c.num_classes)),
+            [{"name": "x_prev_row", **row_x}, {"name": "has_prev", "shape": [1], "dtype": "float32"},
+             *cache_in, *label_in],
+            cache_out, make_row,
+        ),
+    ]
+
+
 def autoregressive_graphs(model: AutoregressiveModel) -> list[GraphDef]:
     c = model.config
     x_spec = {"name": "x", "shape": ["batch", c.channels, c.height, c.width], "dtype": "float32"}
@@ -79,7 +149,11 @@ def autoregressive_graphs(model: AutoregressiveModel) -> list[GraphDef]:
         return x, torch.randint(0, c.num_classes, (batch,), generator=g)
 
     out = {"name": "log_probs", "shape": ["batch", c.channels, c.height, c.width, c.levels], "dtype": "float32"}
-    return [GraphDef("forward", _ForwardGraph(model), inputs, [out], make)]
+    graphs = [GraphDef("forward", _ForwardGraph(model), inputs, [out], make)]
+    try:
+        return graphs + cached_graphs(model)
+    except TypeError:  # a model without a cached form: the bundle serves naive decoding only
+        return graphs
 
 
 def graph_defs(model: nn.Module) -> list[GraphDef]:
@@ -102,7 +176,9 @@ def _export_onnx(g: GraphDef, path: Path, example: tuple[torch.Tensor, ...], ops
 
     names_in = [i["name"] for i in g.inputs]
     names_out = [o["name"] for o in g.outputs]
-    dynamic = {n: {0: "batch"} for n in names_in + names_out}
+    dynamic = {
+        spec["name"]: {0: "batch"} for spec in g.inputs + g.outputs if spec["shape"] and spec["shape"][0] == "batch"
+    }
     buf = io.BytesIO()
     with _quiet_export(), contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(
@@ -128,7 +204,8 @@ def _run_exported(fmt: str, path: Path, g: GraphDef, inputs: tuple[torch.Tensor,
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feed = {spec["name"]: t.numpy() for spec, t in zip(g.inputs, inputs, strict=True)}
+        wanted = {i.name for i in sess.get_inputs()}  # the exporter drops inputs a graph never reads
+        feed = {spec["name"]: t.numpy() for spec, t in zip(g.inputs, inputs, strict=True) if spec["name"] in wanted}
         return list(sess.run(None, feed))
     with _quiet_export():
         module = torch.jit.load(str(path), map_location="cpu")
@@ -220,6 +297,7 @@ def export_run(
             "num_classes": cfg.num_classes,
             "latent_size": getattr(cfg, "latent_size", None),
             "graphs": graphs,
+            "decoders": ["naive", "cached"] if any(k.startswith("step.") for k in graphs) else ["naive"],
             "parity": parity,
             "opset": opset if "onnx" in formats else None,
             "versions": {"genforge": _version("genforge"), "torch": torch.__version__, "onnx": _version("onnx")},

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .bundle import Bundle, BundleError
+from .decoding import Stepper
 
 
 class RuntimeBackendError(RuntimeError):
@@ -28,6 +29,14 @@ class Backend(Protocol):
     device: str
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+    def stepper(self) -> Stepper: ...
+
+
+def cache_inputs(bundle: Bundle, fmt: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(input name, shape without batch) of the step graph's caches, in argument order."""
+    step = bundle.graph("step", fmt)
+    return [(i["name"], tuple(int(d) for d in i["shape"][1:])) for i in step.inputs if i["name"].startswith("cache_")]
 
 
 def cuda_visible() -> bool:
@@ -82,6 +91,63 @@ class OnnxBackend:
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         return list(self.session(graph).run(None, inputs))
 
+    def stepper(self) -> Stepper:
+        return OnnxStepper(self)
+
+
+class OnnxStepper:
+    """Cached decoding on onnxruntime. On CUDA the caches stay on the device as OrtValues bound with I/O
+    binding, so a step copies only the current row in and one pixel's log-probabilities out."""
+
+    def __init__(self, backend: OnnxBackend) -> None:
+        self.backend = backend
+        self.caches_spec = cache_inputs(backend.bundle, "onnx")
+        self.step_sess = backend.session("step")
+        self.row_sess = backend.session("row")
+        self.on_gpu = backend.device == "cuda"
+        self.caches: list[Any] = []
+        self.labels: np.ndarray | None = None
+        self.row_flag = {True: np.ones(1, np.float32), False: np.zeros(1, np.float32)}
+
+    def reset(self, batch: int, labels: np.ndarray | None) -> None:
+        ort = self.backend._ort
+        zeros = [np.zeros((batch, *shape), dtype=np.float32) for _, shape in self.caches_spec]
+        self.caches = [ort.OrtValue.ortvalue_from_numpy(z, "cuda", 0) for z in zeros] if self.on_gpu else zeros
+        self.labels = None if labels is None else np.ascontiguousarray(labels, dtype=np.int64)
+
+    def _run(self, sess: Any, first: dict[str, np.ndarray], host_outputs: int) -> list[Any]:
+        # The exporter drops inputs a graph never reads (the row graph recomputes some caches), so feed only
+        # the inputs the session declares.
+        wanted = {i.name for i in sess.get_inputs()}
+        host = {**first, **({"labels": self.labels} if self.labels is not None else {})}
+        caches = {name: value for (name, _), value in zip(self.caches_spec, self.caches, strict=True)}
+        if not self.on_gpu:
+            feed = {k: v for k, v in {**host, **caches}.items() if k in wanted}
+            return list(sess.run(None, feed))
+        binding = sess.io_binding()
+        for k, v in host.items():
+            if k in wanted:
+                binding.bind_cpu_input(k, v)
+        for k, v in caches.items():
+            if k in wanted:
+                binding.bind_ortvalue_input(k, v)
+        outputs = [o.name for o in sess.get_outputs()]
+        for i, name in enumerate(outputs):
+            binding.bind_output(name, "cpu" if i < host_outputs else "cuda")
+        sess.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return [v.numpy() if i < host_outputs else v for i, v in enumerate(values)]
+
+    def row(self, x_prev_row: np.ndarray, has_prev: bool) -> None:
+        self.caches = self._run(self.row_sess, {"x_prev_row": x_prev_row.astype(np.float32, copy=False),
+                                                "has_prev": self.row_flag[has_prev]}, 0)
+
+    def step(self, x_row: np.ndarray, j: int) -> np.ndarray:
+        out = self._run(self.step_sess, {"x_row": x_row.astype(np.float32, copy=False),
+                                         "j": np.array([j], dtype=np.int64)}, 1)
+        self.caches = out[1:]
+        return out[0]
+
 
 class TorchScriptBackend:
     name = "torchscript"
@@ -121,6 +187,43 @@ class TorchScriptBackend:
             out = self.module(graph)(*args)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return [o.detach().cpu().numpy() for o in outs]
+
+    def stepper(self) -> Stepper:
+        return TorchScriptStepper(self)
+
+
+class TorchScriptStepper:
+    """Cached decoding on TorchScript; the caches stay torch tensors on the backend's device."""
+
+    def __init__(self, backend: TorchScriptBackend) -> None:
+        self.backend = backend
+        self.torch = backend._torch
+        self.caches_spec = cache_inputs(backend.bundle, "torchscript")
+        self.step_mod = backend.module("step")
+        self.row_mod = backend.module("row")
+        self.caches: list[Any] = []
+        self.extra: list[Any] = []
+        dev = backend.device
+        self.flags = {f: self.torch.tensor([1.0 if f else 0.0], device=dev) for f in (True, False)}
+
+    def reset(self, batch: int, labels: np.ndarray | None) -> None:
+        t, dev = self.torch, self.backend.device
+        self.caches = [t.zeros((batch, *shape), device=dev) for _, shape in self.caches_spec]
+        self.extra = [] if labels is None else [t.from_numpy(np.asarray(labels, dtype=np.int64)).to(dev)]
+
+    def row(self, x_prev_row: np.ndarray, has_prev: bool) -> None:
+        t = self.torch
+        x = t.from_numpy(x_prev_row).to(self.backend.device)
+        with t.inference_mode():
+            self.caches = list(self.row_mod(x, self.flags[has_prev], *self.caches, *self.extra))
+
+    def step(self, x_row: np.ndarray, j: int) -> np.ndarray:
+        t = self.torch
+        x = t.from_numpy(x_row).to(self.backend.device)
+        with t.inference_mode():
+            out = self.step_mod(x, t.tensor([j], device=self.backend.device), *self.caches, *self.extra)
+        self.caches = list(out[1:])
+        return out[0].cpu().numpy()
 
 
 BACKENDS = ("auto", "onnx", "torchscript")

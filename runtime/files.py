@@ -99,3 +99,21 @@ def save_images(path: str | Path, images: np.ndarray, *, levels: int, overwrite:
     else:
         raise ValueError(f"{path}: output must end in .png or .npz")
     return path
+
+
+def read_images_npz(path: str | Path) -> np.ndarray:
+    """The uint8 (N, H, W, C) array under ``images`` in a .npz (what gen-sample writes)."""
+    from .bundle import BundleError
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files:
+                raise BundleError(f"{path}: no 'images' array in the .npz (found: {', '.join(z.files) or 'none'})")
+            images = z["images"]
+    except BundleError:
+        raise
+    except Exception as e:  # np.load raises many types on foreign bytes
+        raise BundleError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise BundleError(f"{path}: 'images' must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    return images

@@ -7,7 +7,7 @@ import numpy as np
 
 from .backends import Backend
 from .bundle import Bundle
-from .decoding import naive_decode
+from .decoding import cached_decode, naive_decode
 from .progress import Progress, chunks
 from .randomness import uniforms
 
@@ -58,8 +58,39 @@ class Sampler:
         return images
 
 
+DECODERS = ("cached", "naive")
+
+
 class AutoregressiveSampler(Sampler):
-    """Samples and scores images of an autoregressive bundle (PixelCNN, Gated PixelCNN, PixelRNN)."""
+    """Samples and scores images of an autoregressive bundle (PixelCNN, Gated PixelCNN, PixelRNN).
+
+    ``decoder="cached"`` (the default where the bundle has the step graphs) runs the incremental form:
+    about one forward pass per image. ``"naive"`` runs the full forward graph once per sub-pixel. With the
+    same seed both give the same images.
+    """
+
+    @property
+    def decoders(self) -> list[str]:
+        return list(self.bundle.manifest.get("decoders", ["naive"]))
+
+    def _decode(
+        self, u: np.ndarray, labels: np.ndarray | None, decoder: str, bar: Progress,
+        prefix: np.ndarray | None = None, start_row: int = 0,
+    ) -> np.ndarray:
+        if decoder == "cached":
+            return cached_decode(self.backend.stepper(), u, labels=labels, levels=self.levels, prefix=prefix,
+                                 start_row=start_row, progress=bar)
+        return naive_decode(self.forward, u, labels=labels, levels=self.levels, prefix=prefix,
+                            start_row=start_row, progress=bar)
+
+    def _check_decoder(self, decoder: str) -> str:
+        if decoder == "auto":
+            return "cached" if "cached" in self.decoders else "naive"
+        if decoder not in DECODERS:
+            raise InputError(f"unknown decoder {decoder!r}; choose one of auto, {', '.join(DECODERS)}")
+        if decoder not in self.decoders:
+            raise InputError(f"this bundle has no {decoder} decoder (it has: {', '.join(self.decoders)})")
+        return decoder
 
     def forward(self, x: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
         """x float32 (B, C, H, W) levels -> log-probabilities (B, C, H, W, K)."""
@@ -76,19 +107,46 @@ class AutoregressiveSampler(Sampler):
         batch_size: int = 64,
         labels: np.ndarray | list[int] | None = None,
         start: int = 0,
+        decoder: str = "auto",
         progress: bool = False,
     ) -> np.ndarray:
         """n images as uint8 levels (n, H, W, C). Image i's randomness comes from (seed, start + i) alone."""
+        return self._generate(n, None, 0, seed, batch_size, labels, start, decoder, progress)
+
+    def complete(
+        self,
+        images: np.ndarray,
+        rows: int,
+        *,
+        seed: int = 0,
+        batch_size: int = 64,
+        labels: np.ndarray | list[int] | None = None,
+        start: int = 0,
+        decoder: str = "auto",
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Keep the first ``rows`` rows of each image and sample the rest: uint8 (N, H, W, C)."""
+        images = self.check_images(images)
+        if not 0 <= rows <= self.image_shape[0]:
+            raise InputError(f"rows must be in [0, {self.image_shape[0]}], got {rows}")
+        return self._generate(len(images), images, rows, seed, batch_size, labels, start, decoder, progress)
+
+    def _generate(
+        self, n: int, prefix: np.ndarray | None, rows: int, seed: int, batch_size: int,
+        labels: np.ndarray | list[int] | None, start: int, decoder: str, progress: bool,
+    ) -> np.ndarray:
         if n < 0:
             raise InputError(f"n must be >= 0, got {n}")
+        decoder = self._check_decoder(decoder)
         h, w, c = self.image_shape
         lab = self.resolve_labels(n, labels, start)
         out = np.zeros((n, h, w, c), dtype=np.uint8)
         with Progress(n * h, "sample", enabled=progress) as bar:
             for a, b in chunks(n, batch_size):
                 u = uniforms(seed, start + a, start + b, (h, w, c))
-                out[a:b] = naive_decode(
-                    self.forward, u, labels=None if lab is None else lab[a:b], levels=self.levels, progress=bar
+                out[a:b] = self._decode(
+                    u, None if lab is None else lab[a:b], decoder, bar,
+                    None if prefix is None else prefix[a:b], rows,
                 )
         return out
 

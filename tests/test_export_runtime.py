@@ -62,12 +62,17 @@ def test_manifest_records_what_it_promises(runs) -> None:
     assert m["format"] == "genforge-bundle" and m["version"] == 1 and m["family"] == "autoregressive"
     assert m["image"] == {"channels": 1, "height": 8, "width": 8} and m["levels"] == 4 and m["num_classes"] == 10
     assert m["likelihood"] == "categorical" and m["opset"] == 17 and m["versions"]["torch"] == torch.__version__
-    assert set(m["graphs"]) == {"forward.onnx", "forward.torchscript"}
+    assert set(m["graphs"]) == {f"{g}.{f}" for g in ("forward", "step", "row") for f in ("onnx", "torchscript")}
+    assert m["decoders"] == ["naive", "cached"]
+    step = m["graphs"]["step.onnx"]
+    caches = [i for i in step["inputs"] if i["name"].startswith("cache_")]
+    assert caches and [o["name"] for o in step["outputs"]] == ["log_probs"] + [
+        "new_" + i["name"][len("cache_"):] for i in caches]
     g = m["graphs"]["forward.onnx"]
     assert [i["name"] for i in g["inputs"]] == ["x", "labels"] and g["inputs"][0]["shape"][0] == "batch"
     for key, check in m["parity"].items():
         assert 0 <= check["max_abs_diff"] <= check["tolerance"] == 1e-4, key
-    assert set(m["files"]) == {"forward.onnx", "forward.pt"}
+    assert set(m["files"]) == {f"{g}.{e}" for g in ("forward", "step", "row") for e in ("onnx", "pt")}
 
 
 @pytest.mark.parametrize("key", ["pixelcnn", "gated-cond"])

@@ -6,6 +6,7 @@ The trainer only calls these three methods, so it never looks inside a model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 
 from genforge.models import AutoregressiveModel
-from genforge.runtime.decoding import naive_decode
+from genforge.models.incremental import EagerStepper, incremental
+from genforge.runtime.decoding import cached_decode, naive_decode
 from genforge.runtime.randomness import uniforms
 
 
@@ -59,17 +61,27 @@ class AutoregressiveObjective:
 
     @torch.no_grad()
     def sample(self, model: nn.Module, n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
+        """The runtime's cached decoding loop over the model's incremental form (the naive loop for models
+        without one), with the runtime's randomness: the grid shows what the exported bundle will draw."""
         assert isinstance(model, AutoregressiveModel)
         c = model.config
+        u = uniforms(seed, 0, n, (c.height, c.width, c.channels))
+        try:
+            stepper = EagerStepper(incremental(model), next(model.parameters()).dtype)
+        except TypeError:
+            return naive_decode(self._forward(model), u, labels=labels, levels=c.levels)
+        return cached_decode(stepper, u, labels=labels, levels=c.levels)
+
+    @staticmethod
+    def _forward(model: AutoregressiveModel) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
 
         def forward(x: np.ndarray, lab: np.ndarray | None) -> np.ndarray:
             t_lab = None if lab is None else torch.from_numpy(lab).to(device)
-            return model(torch.from_numpy(x).to(device, dtype), t_lab).float().cpu().numpy()
+            return model(torch.from_numpy(x).to(device, dtype), t_lab).cpu().numpy()
 
-        u = uniforms(seed, 0, n, (c.height, c.width, c.channels))
-        return naive_decode(forward, u, labels=labels, levels=c.levels)
+        return forward
 
 
 def objective_for(model: nn.Module) -> Objective:

@@ -1,0 +1,290 @@
+"""The incremental (cached) form of the convolutional autoregressive models.
+
+[1]: Ramachandran et al. 2017, Fast Generation for Convolutional Autoregressive Models,
+     https://arxiv.org/abs/1704.06001 (each layer caches the inputs it will read again).
+
+Every masked convolution with a spatial kernel keeps a rolling buffer of its *input*: the kernel's
+top half plus the centre row (kh // 2 + 1 rows) over the padded width. Two pure functions drive decoding;
+their caches are explicit inputs and outputs, so they export to ONNX and TorchScript as plain graphs (the
+runtime drives the loop):
+
+- ``row(x_prev_row, has_prev, *caches)`` at the start of each row: writes the finished previous image row
+  into the first layer's buffer, rolls every buffer up one row, and (gated model) computes the whole new
+  row of the vertical stack, which depends only on rows above.
+- ``step(x_row, j, *caches)`` for each sub-pixel: writes the current image row (its sampled part) into the
+  first layer's buffer, computes every layer at column j only, writing each layer's output into the next
+  layer's buffer, and returns the log-probabilities of pixel (i, j) for every channel.
+
+Per image the work is about one forward pass (plus the masked-out taps a dense kernel would compute), and
+the memory is O(layers x kernel height x width x channels). Colour models call ``step`` once per
+sub-pixel: a layer's group-g output at (i, j) depends only on channels < g of x(i, j), so the call for
+channel k is exact for channel k, and the last call leaves every cache final.
+
+Writes use one-hot blends rather than scatter ops and reads use ``index_select``: both export to every
+backend and keep the graphs free of data-dependent shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import MaskedConv2d, gate
+
+
+class CachedConv(nn.Module):
+    """A MaskedConv2d applied one position (or one row) at a time over a rolling input buffer."""
+
+    def __init__(self, conv: MaskedConv2d, width: int) -> None:
+        super().__init__()
+        self.conv = conv
+        kh, kw = conv.kernel_size
+        self.rows = kh // 2 + 1  # the taps at and above the centre row; the mask zeroes the rest
+        self.kw = kw
+        self.pad = kw // 2
+        self.width = width
+        self.register_buffer("taps", torch.arange(kw), persistent=False)
+        self.register_buffer("cols", torch.arange(width + 2 * self.pad), persistent=False)
+
+    def buffer_shape(self) -> tuple[int, int, int]:
+        return self.conv.in_channels, self.rows, self.width + 2 * self.pad
+
+    def weight(self) -> torch.Tensor:
+        return self.conv.masked_weight()[:, :, : self.rows]  # (O, I, rows, kw)
+
+    @staticmethod
+    def roll(buf: torch.Tensor) -> torch.Tensor:
+        """Drop the oldest row; the new current row starts as zero padding."""
+        return torch.cat([buf[:, :, 1:], torch.zeros_like(buf[:, :, :1])], dim=2)
+
+    def write_row(self, buf: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """Replace the current row with ``row`` (B, I, W)."""
+        padded = F.pad(row, (self.pad, self.pad))[:, :, None]  # (B, I, 1, W + 2p)
+        return torch.cat([buf[:, :, :-1], padded], dim=2)
+
+    def write_col(self, buf: torch.Tensor, j: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Set column j of the current row to ``value`` (B, I)."""
+        onehot = (self.cols == j + self.pad).to(buf.dtype)  # (W + 2p,)
+        last = buf[:, :, -1] * (1.0 - onehot) + value[:, :, None] * onehot  # (B, I, W + 2p)
+        return torch.cat([buf[:, :, :-1], last[:, :, None]], dim=2)
+
+    def at(self, buf: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """The convolution's output at column j of the current row: (B, O)."""
+        window = buf.index_select(3, self.taps + j)  # (B, I, rows, kw)
+        out = torch.einsum("birk,oirk->bo", window, self.weight())
+        return out if self.conv.bias is None else out + self.conv.bias
+
+    def row_out(self, buf: torch.Tensor) -> torch.Tensor:
+        """The convolution's output along the whole current row: (B, O, W)."""
+        return F.conv2d(buf, self.weight(), self.conv.bias)[:, :, 0]
+
+
+def pointwise(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
+    """A 1x1 (masked) convolution at one position: v (B, I) -> (B, O)."""
+    w = conv.masked_weight() if isinstance(conv, MaskedConv2d) else conv.weight
+    return F.linear(v, w[:, :, 0, 0], conv.bias)
+
+
+def pointwise_row(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution along a row: v (B, I, W) -> (B, O, W)."""
+    return pointwise(conv, v.transpose(1, 2)).transpose(1, 2)
+
+
+class IncrementalModel(nn.Module):
+    """Base of the cached forms. Subclasses define the caches, ``row`` and ``step``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def cache_specs(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape without the batch dimension) of every cache, in argument order."""
+        raise NotImplementedError
+
+    def init_caches(self, batch: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        return [torch.zeros((batch, *shape), dtype=dtype, device=device) for _, shape in self.cache_specs()]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.normalize(x)
+
+    def head_log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        """Raw parameters of one pixel (B, P * C) -> log-probabilities (B, C, K)."""
+        b = params.shape[0]
+        c = self.config.channels
+        raw = params.reshape(b, -1, c, 1, 1)
+        return self.model.head.log_probs(raw).reshape(b, c, self.config.levels)
+
+    def row(
+        self, x_prev_row: torch.Tensor, has_prev: torch.Tensor, caches: list[torch.Tensor],
+        labels: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def step(
+        self, x_row: torch.Tensor, j: torch.Tensor, caches: list[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError
+
+
+class IncrementalPixelCNN(IncrementalModel):
+    """Caches: the 7x7 input convolution's buffer of x, and each residual block's kxk buffer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        w = model.config.width
+        self.input_conv = CachedConv(model.input_conv, w)
+        self.block_convs = nn.ModuleList(CachedConv(b.conv, w) for b in model.blocks)
+
+    def cache_specs(self) -> list[tuple[str, tuple[int, ...]]]:
+        specs = [("input", self.input_conv.buffer_shape())]
+        return specs + [(f"block{i}", c.buffer_shape()) for i, c in enumerate(self.block_convs)]
+
+    def row(self, x_prev_row, has_prev, caches, labels=None):  # type: ignore[no-untyped-def]
+        first = self.input_conv.write_row(caches[0], self.normalize(x_prev_row) * has_prev)
+        return [CachedConv.roll(first)] + [CachedConv.roll(c) for c in caches[1:]]
+
+    def step(self, x_row, j, caches, labels=None):  # type: ignore[no-untyped-def]
+        m = self.model
+        buf0 = self.input_conv.write_row(caches[0], self.normalize(x_row))
+        h = self.input_conv.at(buf0, j)  # (B, hidden)
+        bias = m.label_bias(labels, m.label_embedding)
+        if bias is not None:
+            h = h + bias[:, :, 0, 0]
+        new = [buf0]
+        for block, cached, buf in zip(m.blocks, self.block_convs, caches[1:], strict=True):
+            y = F.relu(pointwise(block.reduce, F.relu(h)))
+            buf = cached.write_col(buf, j, y)
+            new.append(buf)
+            y = cached.at(buf, j)
+            h = h + pointwise(block.expand, F.relu(y))
+        out = pointwise(m.out2, F.relu(pointwise(m.out1, F.relu(h))))  # (B, P * C)
+        return self.head_log_probs(out), new
+
+
+class IncrementalGatedPixelCNN(IncrementalModel):
+    """Caches, per gated layer: the vertical convolution's buffer of the vertical stack below it, the
+    link into the horizontal stack for the current row (computed once per row), and (after the first
+    layer) the horizontal convolution's one-row buffer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        w = model.config.width
+        self.v_convs = nn.ModuleList(CachedConv(layer.v_conv, w) for layer in model.layers)
+        self.h_convs = nn.ModuleList(CachedConv(layer.h_conv, w) for layer in model.layers)
+        self.n = len(model.layers)
+
+    def cache_specs(self) -> list[tuple[str, tuple[int, ...]]]:
+        c = self.config
+        specs: list[tuple[str, tuple[int, ...]]] = []
+        for i in range(self.n):
+            specs.append((f"v{i}", self.v_convs[i].buffer_shape()))
+            specs.append((f"link{i}", (2 * c.hidden, c.width)))
+            if i > 0:
+                specs.append((f"h{i}", self.h_convs[i].buffer_shape()))
+        return specs
+
+    def _split(self, caches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        v, link, h = [], [], []
+        it = iter(caches)
+        for i in range(self.n):
+            v.append(next(it))
+            link.append(next(it))
+            if i > 0:
+                h.append(next(it))
+        return v, link, h
+
+    def _join(self, v: list[torch.Tensor], link: list[torch.Tensor], h: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for i in range(self.n):
+            out += [v[i], link[i]] + ([h[i - 1]] if i > 0 else [])
+        return out
+
+    def _cond(self, layer: nn.Module, labels: torch.Tensor | None) -> torch.Tensor | None:
+        return None if layer.cond is None or labels is None else layer.cond(labels.long())  # (B, 2h)
+
+    def row(self, x_prev_row, has_prev, caches, labels=None):  # type: ignore[no-untyped-def]
+        v, _, h = self._split(caches)
+        new_v, new_link = [], []
+        below = None  # the previous layer's vertical output along the current row
+        for i, layer in enumerate(self.model.layers):
+            cached = self.v_convs[i]
+            if i == 0:
+                buf = CachedConv.roll(cached.write_row(v[0], self.normalize(x_prev_row) * has_prev))
+            else:
+                buf = cached.write_row(CachedConv.roll(v[i]), below)
+            v_pre = cached.row_out(buf)  # (B, 2h, W)
+            link = pointwise_row(layer.link, v_pre)
+            cond = self._cond(layer, labels)
+            if cond is not None:
+                v_pre = v_pre + cond[:, :, None]
+            below = gate(v_pre)  # (B, h, W)
+            new_v.append(buf)
+            new_link.append(link)
+        return self._join(new_v, new_link, [torch.zeros_like(b) for b in h])
+
+    def step(self, x_row, j, caches, labels=None):  # type: ignore[no-untyped-def]
+        m = self.model
+        v, link, hbufs = self._split(caches)
+        first = self.h_convs[0]
+        x_buf = F.pad(self.normalize(x_row), (first.pad, first.pad))[:, :, None]  # (B, C, 1, W + 2p)
+        new_h = []
+        h = None
+        for i, layer in enumerate(m.layers):
+            if i == 0:
+                h_pre = first.at(x_buf, j)
+            else:
+                buf = self.h_convs[i].write_col(hbufs[i - 1], j, h)
+                new_h.append(buf)
+                h_pre = self.h_convs[i].at(buf, j)
+            h_pre = h_pre + link[i].index_select(2, j.reshape(1))[:, :, 0]
+            cond = self._cond(layer, labels)
+            if cond is not None:
+                h_pre = h_pre + cond
+            gated = gate(h_pre[:, :, None])[:, :, 0]  # (B, h)
+            h = gated if layer.h_out is None else h + pointwise(layer.h_out, gated)
+        out = pointwise(m.out2, F.relu(pointwise(m.out1, F.relu(h))))
+        return self.head_log_probs(out), self._join(v, link, new_h)
+
+
+def incremental(model: nn.Module) -> IncrementalModel:
+    """The cached form of ``model``, sharing its weights."""
+    from .gated_pixelcnn import GatedPixelCNN
+    from .pixelcnn import PixelCNN
+
+    if isinstance(model, GatedPixelCNN):
+        return IncrementalGatedPixelCNN(model)
+    if isinstance(model, PixelCNN):
+        return IncrementalPixelCNN(model)
+    raise TypeError(f"{type(model).__name__} has no cached form")
+
+
+class EagerStepper:
+    """Drives an IncrementalModel from numpy, for the runtime's cached decoding loop (training sample
+    grids and tests use it; the exported backends implement the same three methods)."""
+
+    def __init__(self, inc: IncrementalModel, dtype: torch.dtype = torch.float32) -> None:
+        self.inc = inc.to(dtype).eval()
+        self.dtype = dtype
+        self.device = next(inc.parameters()).device
+        self.caches: list[torch.Tensor] = []
+        self.labels: torch.Tensor | None = None
+
+    def reset(self, batch: int, labels: object | None = None) -> None:
+        import numpy as np
+
+        self.caches = self.inc.init_caches(batch, self.dtype, self.device)
+        self.labels = None if labels is None else torch.from_numpy(np.asarray(labels)).to(self.device)
+
+    @torch.no_grad()
+    def row(self, x_prev_row: object, has_prev: bool) -> None:
+        x = torch.as_tensor(x_prev_row, device=self.device)
+        flag = torch.tensor([1.0 if has_prev else 0.0], dtype=self.dtype, device=self.device)
+        self.caches = self.inc.row(x, flag, self.caches, self.labels)
+
+    @torch.no_grad()
+    def step(self, x_row: object, j: int) -> object:
+        x = torch.as_tensor(x_row, device=self.device)
+        lp, self.caches = self.inc.step(x, torch.tensor([j], device=self.device), self.caches, self.labels)
+        return lp.cpu().numpy()
