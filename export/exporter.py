@@ -195,8 +195,10 @@ def _export_onnx(g: GraphDef, path: Path, example: tuple[torch.Tensor, ...], ops
 
 def _export_torchscript(g: GraphDef, path: Path, example: tuple[torch.Tensor, ...]) -> None:
     with _quiet_export():
-        traced = torch.jit.trace(g.module, example, check_trace=False)
-        traced.save(str(path))
+        traced = torch.jit.trace(g.module.eval(), example, check_trace=False)
+        # Freezing folds parameters into constants, so weight * mask is computed once here rather than on
+        # every call of a decoding step.
+        torch.jit.freeze(traced).save(str(path))
 
 
 def _run_exported(fmt: str, path: Path, g: GraphDef, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
@@ -218,10 +220,10 @@ def verify(fmt: str, path: Path, g: GraphDef, *, batch: int = 3, seed: int | Non
     """Max |eager - exported| over every output on fresh random inputs."""
     seed = secrets.randbits(31) if seed is None else seed
     inputs = g.make_inputs(batch, torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        eager = g.module(*inputs)
+    with torch.no_grad():  # a cached step may update its caches in place: give each run its own copy
+        eager = g.module(*[t.clone() for t in inputs])
     eager_outs = eager if isinstance(eager, (tuple, list)) else (eager,)
-    exported = _run_exported(fmt, path, g, inputs)
+    exported = _run_exported(fmt, path, g, tuple(t.clone() for t in inputs))
     worst = 0.0
     for name, a, b in zip([o["name"] for o in g.outputs], eager_outs, exported, strict=True):
         a_np = a.detach().numpy()
@@ -271,9 +273,9 @@ def export_run(
                 path = tmp / fname
                 with torch.no_grad():
                     if fmt == "onnx":
-                        _export_onnx(g, path, example, opset)
+                        _export_onnx(g, path, tuple(t.clone() for t in example), opset)
                     else:
-                        _export_torchscript(g, path, example)
+                        _export_torchscript(g, path, tuple(t.clone() for t in example))
                 check = verify(fmt, path, g)
                 check["tolerance"] = tolerance
                 if not check["max_abs_diff"] <= tolerance:

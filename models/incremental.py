@@ -5,8 +5,8 @@
 
 Every masked convolution with a spatial kernel keeps a rolling buffer of its *input*: the kernel's
 top half plus the centre row (kh // 2 + 1 rows) over the padded width. Two pure functions drive decoding;
-their caches are explicit inputs and outputs, so they export to ONNX and TorchScript as plain graphs (the
-runtime drives the loop):
+their caches are explicit inputs and outputs (``step`` may update them in place), so they export to ONNX
+and TorchScript as plain graphs (the runtime drives the loop):
 
 - ``row(x_prev_row, has_prev, *caches)`` at the start of each row: writes the finished previous image row
   into the first layer's buffer, rolls every buffer up one row, and (gated model) computes the whole new
@@ -34,7 +34,12 @@ from .layers import MaskedConv2d, gate
 
 
 class CachedConv(nn.Module):
-    """A MaskedConv2d applied one position (or one row) at a time over a rolling input buffer."""
+    """A MaskedConv2d applied one position (or one row) at a time over a rolling input buffer.
+
+    The buffer is flat, (B, I, rows * (W + 2p)), row after row, so that writing one column is a single
+    ``index_copy`` and reading one kernel window a single ``index_select``: a decoding step is dominated by
+    the number of ops, not their arithmetic.
+    """
 
     def __init__(self, conv: MaskedConv2d, width: int) -> None:
         super().__init__()
@@ -44,51 +49,68 @@ class CachedConv(nn.Module):
         self.kw = kw
         self.pad = kw // 2
         self.width = width
-        self.register_buffer("taps", torch.arange(kw), persistent=False)
-        self.register_buffer("cols", torch.arange(width + 2 * self.pad), persistent=False)
+        self.stride = width + 2 * self.pad  # one buffer row
+        # Flat offsets of the kernel window at column 0, in the weight's (rows, kw) order.
+        taps = torch.arange(self.rows)[:, None] * self.stride + torch.arange(kw)[None, :]
+        self.register_buffer("taps", taps.reshape(-1), persistent=False)
+        self.register_buffer("current", torch.tensor([(self.rows - 1) * self.stride + self.pad]), persistent=False)
 
-    def buffer_shape(self) -> tuple[int, int, int]:
-        return self.conv.in_channels, self.rows, self.width + 2 * self.pad
+    def buffer_shape(self) -> tuple[int, int]:
+        return self.conv.in_channels, self.rows * self.stride
 
     def weight(self) -> torch.Tensor:
         return self.conv.masked_weight()[:, :, : self.rows]  # (O, I, rows, kw)
 
-    @staticmethod
-    def roll(buf: torch.Tensor) -> torch.Tensor:
+    def roll(self, buf: torch.Tensor) -> torch.Tensor:
         """Drop the oldest row; the new current row starts as zero padding."""
-        return torch.cat([buf[:, :, 1:], torch.zeros_like(buf[:, :, :1])], dim=2)
+        return torch.cat([buf[:, :, self.stride :], torch.zeros_like(buf[:, :, : self.stride])], dim=2)
 
     def write_row(self, buf: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         """Replace the current row with ``row`` (B, I, W)."""
-        padded = F.pad(row, (self.pad, self.pad))[:, :, None]  # (B, I, 1, W + 2p)
-        return torch.cat([buf[:, :, :-1], padded], dim=2)
+        return torch.cat([buf[:, :, : -self.stride], F.pad(row, (self.pad, self.pad))], dim=2)
+
+    def indices(self, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(write index, window indices) for column j; layers of one geometry share them within a step."""
+        return self.current + j, self.taps + j
+
+    def write_at(self, buf: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return buf.index_copy_(2, index, value[:, :, None])
+
+    def at_window(self, buf: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
+        window = buf.index_select(2, window_index).flatten(1)  # (B, I * rows * kw)
+        # Transposed weights fold into constants when the graph is frozen: one addmm per call.
+        w_t = self.weight().flatten(1).t()
+        return window @ w_t if self.conv.bias is None else torch.addmm(self.conv.bias, window, w_t)
 
     def write_col(self, buf: torch.Tensor, j: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Set column j of the current row to ``value`` (B, I)."""
-        onehot = (self.cols == j + self.pad).to(buf.dtype)  # (W + 2p,)
-        last = buf[:, :, -1] * (1.0 - onehot) + value[:, :, None] * onehot  # (B, I, W + 2p)
-        return torch.cat([buf[:, :, :-1], last[:, :, None]], dim=2)
+        """Set column j of the current row to ``value`` (B, I), in place.
+
+        In place because an out-of-place copy of the whole buffer would dominate a step; the caches belong to
+        the decoding loop, which hands each step's outputs back in. (ONNX export turns this into a scatter.)
+        """
+        return self.write_at(buf, self.current + j, value)
 
     def at(self, buf: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """The convolution's output at column j of the current row: (B, O)."""
-        window = buf.index_select(3, self.taps + j)  # (B, I, rows, kw)
-        out = torch.einsum("birk,oirk->bo", window, self.weight())
-        return out if self.conv.bias is None else out + self.conv.bias
+        return self.at_window(buf, self.taps + j)
 
     def row_out(self, buf: torch.Tensor) -> torch.Tensor:
         """The convolution's output along the whole current row: (B, O, W)."""
-        return F.conv2d(buf, self.weight(), self.conv.bias)[:, :, 0]
+        grid = buf.reshape(buf.shape[0], buf.shape[1], self.rows, self.stride)
+        return F.conv2d(grid, self.weight(), self.conv.bias)[:, :, 0]
 
 
 def pointwise(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
     """A 1x1 (masked) convolution at one position: v (B, I) -> (B, O)."""
     w = conv.masked_weight() if isinstance(conv, MaskedConv2d) else conv.weight
-    return F.linear(v, w[:, :, 0, 0], conv.bias)
+    w_t = w[:, :, 0, 0].t()
+    return v @ w_t if conv.bias is None else torch.addmm(conv.bias, v, w_t)
 
 
 def pointwise_row(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
     """A 1x1 convolution along a row: v (B, I, W) -> (B, O, W)."""
-    return pointwise(conv, v.transpose(1, 2)).transpose(1, 2)
+    w = conv.masked_weight() if isinstance(conv, MaskedConv2d) else conv.weight
+    return F.linear(v.transpose(1, 2), w[:, :, 0, 0], conv.bias).transpose(1, 2)
 
 
 class IncrementalModel(nn.Module):
@@ -143,7 +165,8 @@ class IncrementalPixelCNN(IncrementalModel):
 
     def row(self, x_prev_row, has_prev, caches, labels=None):  # type: ignore[no-untyped-def]
         first = self.input_conv.write_row(caches[0], self.normalize(x_prev_row) * has_prev)
-        return [CachedConv.roll(first)] + [CachedConv.roll(c) for c in caches[1:]]
+        rest = [c.roll(buf) for c, buf in zip(self.block_convs, caches[1:], strict=True)]
+        return [self.input_conv.roll(first), *rest]
 
     def step(self, x_row, j, caches, labels=None):  # type: ignore[no-untyped-def]
         m = self.model
@@ -153,11 +176,13 @@ class IncrementalPixelCNN(IncrementalModel):
         if bias is not None:
             h = h + bias[:, :, 0, 0]
         new = [buf0]
+        shared = self.block_convs[0].indices(j) if len(self.block_convs) else None
         for block, cached, buf in zip(m.blocks, self.block_convs, caches[1:], strict=True):
+            write, window = shared  # type: ignore[misc]
             y = F.relu(pointwise(block.reduce, F.relu(h)))
-            buf = cached.write_col(buf, j, y)
+            buf = cached.write_at(buf, write, y)
             new.append(buf)
-            y = cached.at(buf, j)
+            y = cached.at_window(buf, window)
             h = h + pointwise(block.expand, F.relu(y))
         out = pointwise(m.out2, F.relu(pointwise(m.out1, F.relu(h))))  # (B, P * C)
         return self.head_log_probs(out), new
@@ -211,9 +236,9 @@ class IncrementalGatedPixelCNN(IncrementalModel):
         for i, layer in enumerate(self.model.layers):
             cached = self.v_convs[i]
             if i == 0:
-                buf = CachedConv.roll(cached.write_row(v[0], self.normalize(x_prev_row) * has_prev))
+                buf = cached.roll(cached.write_row(v[0], self.normalize(x_prev_row) * has_prev))
             else:
-                buf = cached.write_row(CachedConv.roll(v[i]), below)
+                buf = cached.write_row(cached.roll(v[i]), below)
             v_pre = cached.row_out(buf)  # (B, 2h, W)
             link = pointwise_row(layer.link, v_pre)
             cond = self._cond(layer, labels)
@@ -228,7 +253,7 @@ class IncrementalGatedPixelCNN(IncrementalModel):
         m = self.model
         v, link, hbufs = self._split(caches)
         first = self.h_convs[0]
-        x_buf = F.pad(self.normalize(x_row), (first.pad, first.pad))[:, :, None]  # (B, C, 1, W + 2p)
+        x_buf = F.pad(self.normalize(x_row), (first.pad, first.pad))  # (B, C, W + 2p): one buffer row
         new_h = []
         h = None
         for i, layer in enumerate(m.layers):

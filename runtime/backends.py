@@ -74,6 +74,9 @@ class OnnxBackend:
             spec = self.bundle.graph(graph, "onnx")
             opts = self._ort.SessionOptions()
             opts.log_severity_level = 3  # keep provider fallback chatter out of the user's terminal
+            if graph in ("step", "row"):
+                # A decoding step is a chain of tiny ops: intra-op threads only add synchronization.
+                opts.intra_op_num_threads = 1
             try:
                 sess = self._ort.InferenceSession(
                     str(self.bundle.file(spec)), sess_options=opts, providers=self.providers
@@ -205,23 +208,26 @@ class TorchScriptStepper:
         self.extra: list[Any] = []
         dev = backend.device
         self.flags = {f: self.torch.tensor([1.0 if f else 0.0], device=dev) for f in (True, False)}
+        width = backend.bundle.image_shape[1]
+        self.columns = [self.torch.tensor([j], device=dev) for j in range(width)]
 
     def reset(self, batch: int, labels: np.ndarray | None) -> None:
         t, dev = self.torch, self.backend.device
         self.caches = [t.zeros((batch, *shape), device=dev) for _, shape in self.caches_spec]
         self.extra = [] if labels is None else [t.from_numpy(np.asarray(labels, dtype=np.int64)).to(dev)]
 
+    # No autograd context per call: the graphs are frozen (their weights are constants) and the inputs never
+    # require grad, so nothing is recorded, and entering a context on every step costs more than the step's
+    # arithmetic at small batch sizes.
+    def _tensor(self, a: np.ndarray) -> Any:
+        x = self.torch.from_numpy(a)
+        return x if self.backend.device == "cpu" else x.to(self.backend.device, non_blocking=True)
+
     def row(self, x_prev_row: np.ndarray, has_prev: bool) -> None:
-        t = self.torch
-        x = t.from_numpy(x_prev_row).to(self.backend.device)
-        with t.inference_mode():
-            self.caches = list(self.row_mod(x, self.flags[has_prev], *self.caches, *self.extra))
+        self.caches = list(self.row_mod(self._tensor(x_prev_row), self.flags[has_prev], *self.caches, *self.extra))
 
     def step(self, x_row: np.ndarray, j: int) -> np.ndarray:
-        t = self.torch
-        x = t.from_numpy(x_row).to(self.backend.device)
-        with t.inference_mode():
-            out = self.step_mod(x, t.tensor([j], device=self.backend.device), *self.caches, *self.extra)
+        out = self.step_mod(self._tensor(x_row), self.columns[j], *self.caches, *self.extra)
         self.caches = list(out[1:])
         return out[0].cpu().numpy()
 

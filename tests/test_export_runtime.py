@@ -79,9 +79,10 @@ def test_manifest_records_what_it_promises(runs) -> None:
 def test_same_seed_same_images_across_backends_and_batch_sizes(runs, key: str) -> None:
     run, bundle = runs[key]
     onnx = load(bundle, backend="onnx", device="cpu").sample(7, seed=3, batch_size=2)
-    ts = load(bundle, backend="torchscript", device="cpu").sample(7, seed=3, batch_size=7)
     assert onnx.shape == (7, 8, 8, 1) and onnx.dtype == np.uint8 and onnx.max() < 4
-    np.testing.assert_array_equal(onnx, ts)
+    for backend, decoder, batch in (("torchscript", "cached", 7), ("onnx", "naive", 4), ("torchscript", "naive", 3)):
+        other = load(bundle, backend=backend, device="cpu").sample(7, seed=3, batch_size=batch, decoder=decoder)
+        np.testing.assert_array_equal(onnx, other, err_msg=f"{backend} {decoder} batch {batch}")
     # The tail of a run is the same images as a run started at that index.
     part = load(bundle, backend="onnx").sample(3, seed=3, start=4)
     np.testing.assert_array_equal(part, onnx[4:])
@@ -106,6 +107,18 @@ def test_log_prob_matches_the_model(runs) -> None:
         load(bundle).log_prob(images[:, :4])
     with pytest.raises(InputError, match=r"levels in \[0, 3\]"):
         load(bundle).log_prob(images + 4)
+
+
+def test_completion_through_the_runtime(runs) -> None:
+    _, bundle = runs["gated-cond"]
+    images = np.random.default_rng(0).integers(0, 4, (5, 8, 8, 1)).astype(np.uint8)
+    results = [load(bundle, backend=b).complete(images, 3, seed=1, decoder=d, batch_size=bs)
+               for b, d, bs in (("onnx", "cached", 2), ("torchscript", "naive", 5))]
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0][:, :3], images[:, :3])
+    assert not np.array_equal(results[0][:, 3:], images[:, 3:])
+    with pytest.raises(InputError, match=r"rows must be in \[0, 8\]"):
+        load(bundle).complete(images, 9)
 
 
 def test_labels_are_checked(runs) -> None:
@@ -182,6 +195,13 @@ def test_cli_export_and_sample(runs, tmp_path: Path) -> None:
         assert z["images"].shape == (5, 8, 8, 1) and z["images"].dtype == np.uint8 and int(z["levels"]) == 4
     res = r.invoke(sample_command, [str(tmp_path / "b"), "-n", "5", "--quiet", "-o", str(tmp_path / "g.png")])
     assert res.exit_code == 0 and (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    res = r.invoke(sample_command, [str(tmp_path / "b"), "--complete", str(tmp_path / "s.npz"), "--rows", "4",
+                                    "--decoder", "naive", "--quiet", "-o", str(tmp_path / "c.npz")])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "s.npz") as a, np.load(tmp_path / "c.npz") as b:
+        np.testing.assert_array_equal(a["images"][:, :4], b["images"][:, :4])
+    res = r.invoke(sample_command, [str(tmp_path / "b"), "--rows", "4", "-o", str(tmp_path / "d.npz")])
+    assert res.exit_code == 2 and "go together" in res.output
     res = r.invoke(sample_command, [str(tmp_path / "b"), "--backend", "onnx", "-o", str(tmp_path / "x.png")])
     assert res.exit_code == 1 and "no onnx graphs" in res.output
     (tmp_path / "b" / "forward.pt").write_bytes(b"garbage")
