@@ -34,8 +34,9 @@ from genforge.models import AutoregressiveModel
 from genforge.models.incremental import IncrementalModel, incremental
 from genforge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FORMATS, MANIFEST, read_bundle, sha256_file
 from genforge.runtime.files import atomic_write_json
-from genforge.train.checkpoint import load_run
+from genforge.train.checkpoint import load_run, save_weights
 
+WEIGHTS = "weights.safetensors"
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4  # max |eager - exported| on float32 outputs (log-probabilities are O(1)-O(10))
 
@@ -286,6 +287,8 @@ def export_run(
                 key = f"{g.name}.{fmt}"
                 graphs[key] = {"format": fmt, "file": fname, "inputs": g.inputs, "outputs": g.outputs}
                 parity[key] = check
+        # The weights travel too: the Triton backend runs its own kernels on them rather than a graph.
+        save_weights(tmp / WEIGHTS, model)
         cfg = model.config
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -304,7 +307,8 @@ def export_run(
             "opset": opset if "onnx" in formats else None,
             "versions": {"genforge": _version("genforge"), "torch": torch.__version__, "onnx": _version("onnx")},
             "source": {"run_dir": str(Path(run_dir).resolve()), "ema": ema},
-            "files": {f: sha256_file(tmp / f) for f in sorted(g["file"] for g in graphs.values())},
+            "weights": WEIGHTS,
+            "files": {f: sha256_file(tmp / f) for f in sorted({WEIGHTS} | {g["file"] for g in graphs.values()})},
         }
         atomic_write_json(tmp / MANIFEST, manifest)
         read_bundle(tmp)  # the bundle must pass the runtime's own validation before it is published

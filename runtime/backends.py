@@ -232,12 +232,31 @@ class TorchScriptStepper:
         return out[0].cpu().numpy()
 
 
-BACKENDS = ("auto", "onnx", "torchscript")
+BACKENDS = ("auto", "onnx", "torchscript", "triton")
+
+
+def _triton_usable(device: str) -> bool:
+    """For backend="auto": Triton on a CUDA device when triton imports. Torch is only imported when an
+    NVIDIA device is visible, so the CPU ONNX path stays torch-free."""
+    if device == "cpu" or not cuda_visible():
+        return False
+    try:
+        import torch
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def make_backend(bundle: Bundle, backend: str = "auto", device: str = "auto") -> Backend:
     if backend not in BACKENDS:
         raise RuntimeBackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto" and "weights" in bundle.manifest and _triton_usable(device):
+        backend = "triton"
+    if backend == "triton":
+        from .triton_backend import TritonBackend
+
+        return TritonBackend(bundle, device)
     if backend == "auto":
         backend = "onnx" if "onnx" in bundle.formats else "torchscript"
     if backend not in bundle.formats:

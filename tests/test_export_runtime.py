@@ -72,7 +72,8 @@ def test_manifest_records_what_it_promises(runs) -> None:
     assert [i["name"] for i in g["inputs"]] == ["x", "labels"] and g["inputs"][0]["shape"][0] == "batch"
     for key, check in m["parity"].items():
         assert 0 <= check["max_abs_diff"] <= check["tolerance"] == 1e-4, key
-    assert set(m["files"]) == {f"{g}.{e}" for g in ("forward", "step", "row") for e in ("onnx", "pt")}
+    assert set(m["files"]) == {f"{g}.{e}" for g in ("forward", "step", "row") for e in ("onnx", "pt")} | {
+        "weights.safetensors"}
 
 
 @pytest.mark.parametrize("key", ["pixelcnn", "gated-cond"])

@@ -1,0 +1,156 @@
+"""Triton kernels against their PyTorch references under TRITON_INTERPRET=1 (set in conftest.py), on tiny
+shapes that are not multiples of the block sizes; and the triton runtime backend against TorchScript.
+
+Tolerances (max |kernel - reference| on outputs of magnitude ~1-10): float32 1e-4; float16 rtol 1e-2 /
+atol 1e-2; bfloat16 rtol 2e-2 / atol 6e-2 (8 mantissa bits). Under the interpreter the bf16 operands of
+tl.dot are upcast to float32 (Triton 3.9's interpreter mis-evaluates bf16 dots), so these tests cover the
+bf16 loads, stores and epilogue, not the bf16 MMA itself, which only a GPU run exercises.
+
+Sampling: the fused kernel computes in float32 like the other backends, and a sample can differ only when
+its uniform lies within float32 rounding (~1e-6 relative) of a CDF edge. The equality tests use fixed
+seeds; the chance of such a flip on these sizes is below 1e-4 per test.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from genforge.models import build_model
+from genforge.models.layers import causal_mask
+from genforge.runtime.randomness import uniforms
+from genforge.triton_kernels.masked_conv import masked_conv2d, masked_conv2d_reference
+from genforge.triton_kernels.pixelcnn_decode import decode, decode_reference, launches_per_batch, pack_pixelcnn
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="conftest sets TRITON_INTERPRET")
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 6e-2)}
+CONVS = [  # (C_in, C_out, kernel, mask, colour groups, shape)
+    (3, 6, 7, "A", 3, "full"),
+    (5, 10, 3, "B", 1, "full"),
+    (20, 34, 3, "B", 1, "full"),
+    (4, 6, (1, 5), "B", 3, "horizontal"),
+    (4, 8, 5, "A", 1, "vertical"),
+]
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}{c[3]}-{c[5]}")
+def test_masked_conv_matches_reference(dtype: torch.dtype, gated: bool, conv: tuple) -> None:
+    c_in, c_out, k, mask_type, groups, shape = conv
+    seed = int.from_bytes(os.urandom(4), "little")  # fresh inputs each run; the seed is in the message
+    g = torch.Generator().manual_seed(seed)
+    ks = (k, k) if isinstance(k, int) else k
+    x = torch.randn(2, c_in, 5, 7, generator=g).to(dtype)
+    w = (torch.randn(c_out, c_in, *ks, generator=g) * 0.3).to(dtype)
+    b = torch.randn(c_out, generator=g).to(dtype)
+    mask = causal_mask(mask_type, c_out, c_in, ks, groups=groups, shape=shape)
+    out = masked_conv2d(x, w, mask, b, gated=gated, block_m=16, block_n=16, block_k=16)
+    ref = masked_conv2d_reference(x.float(), w.float(), mask, b.float(), gated=gated)
+    assert out.dtype == dtype and out.shape == ref.shape
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol, msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_masked_conv_visits_only_kept_taps() -> None:
+    from genforge.triton_kernels.masked_conv import pack_masked_conv
+
+    assert pack_masked_conv(torch.ones(4, 4, 3, 3), causal_mask("B", 4, 4, (3, 3))).taps == 5
+    assert pack_masked_conv(torch.ones(6, 3, 7, 7), causal_mask("A", 6, 3, (7, 7), groups=3)).taps == 25
+    assert pack_masked_conv(torch.ones(4, 1, 7, 7), causal_mask("A", 4, 1, (7, 7))).taps == 24
+
+
+def test_masked_conv_checks_its_arguments() -> None:
+    x = torch.randn(1, 3, 4, 4)
+    w = torch.randn(4, 3, 3, 3)
+    m = causal_mask("B", 4, 3, (3, 3))
+    with pytest.raises(ValueError, match="x has 2 channels"):
+        masked_conv2d(torch.randn(1, 2, 4, 4), w, m)
+    with pytest.raises(ValueError, match=r"is torch\.float16 but the weight is torch\.float32"):
+        masked_conv2d(x.half(), w, m)
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        masked_conv2d(x.double(), w.double(), m)
+    with pytest.raises(ValueError, match="even number of output channels"):
+        masked_conv2d(x, torch.randn(3, 3, 3, 3), causal_mask("B", 3, 3, (3, 3)), gated=True)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        masked_conv2d(x, w, m, block_m=8)
+
+
+HEADS = [(1, "bernoulli", 2, 0), (3, "categorical", 5, 3), (1, "logistic-mixture", 9, 0), (3, "logistic-mixture", 6, 0)]
+
+
+@pytest.mark.parametrize("channels,likelihood,levels,classes", HEADS)
+def test_fused_decode_matches_reference(channels: int, likelihood: str, levels: int, classes: int) -> None:
+    torch.manual_seed(0)
+    model = build_model("pixelcnn", {"channels": channels, "height": 3, "width": 4, "levels": levels,
+                                     "likelihood": likelihood, "hidden": 6, "layers": 2, "output_hidden": 5,
+                                     "n_mix": 2, "num_classes": classes}).eval()
+    u = torch.from_numpy(uniforms(1, 0, 3, (3, 4, channels)))
+    labels = torch.tensor([0, 2, 1]) if classes else None
+    out = decode(pack_pixelcnn(model), u, labels=labels)
+    with torch.no_grad():
+        ref = decode_reference(lambda x, lab: model(x.float(), lab), u, levels, labels)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_fused_decode_completion_keeps_rows_and_fills_caches() -> None:
+    torch.manual_seed(1)
+    model = build_model("pixelcnn", {"channels": 1, "height": 4, "width": 3, "levels": 4, "hidden": 6,
+                                     "layers": 1, "output_hidden": 5}).eval()
+    u = torch.from_numpy(uniforms(2, 0, 2, (4, 3, 1)))
+    prefix = torch.randint(0, 4, (2, 1, 4, 3)).float()
+    out = decode(pack_pixelcnn(model), u, prefix=prefix, start_row=2)
+    torch.testing.assert_close(out[:, :, :2], prefix[:, :, :2])
+
+    def forward(x, lab):  # the reference with the same kept rows
+        x = x.clone()
+        x[:, :, :2] = prefix[:, :, :2].double()
+        return model(x.float(), lab)
+
+    with torch.no_grad():
+        ref = decode_reference(forward, u, 4)
+    torch.testing.assert_close(out[:, :, 2:], ref[:, :, 2:], rtol=0, atol=0)
+
+
+def test_one_launch_per_batch_tile() -> None:
+    assert launches_per_batch(1) == 1 and launches_per_batch(16) == 1 and launches_per_batch(17) == 2
+    assert launches_per_batch(256, block_b=64) == 4
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    from genforge.export import export_run
+    from genforge.train import DataSpec, TrainConfig, train_run
+
+    root = tmp_path_factory.mktemp("triton")
+    out = {}
+    for name in ("pixelcnn", "gated-pixelcnn"):
+        run = train_run(model=name, data=DataSpec(levels=4), train=TrainConfig(steps=8, n_samples=0, eval_limit=8),
+                        model_overrides={"hidden": 6, "layers": 1, "output_hidden": 6}, out=root / name,
+                        progress=False).run_dir
+        out[name] = export_run(run, root / f"{name}-bundle", formats=("torchscript",))
+    return out
+
+
+@pytest.mark.parametrize("name", ["pixelcnn", "gated-pixelcnn"])
+def test_triton_backend_samples_like_torchscript(bundles, name: str) -> None:
+    from genforge.runtime import load
+
+    triton_s = load(bundles[name], backend="triton", device="cpu")
+    ts = load(bundles[name], backend="torchscript", device="cpu")
+    assert triton_s.backend.fused == (name == "pixelcnn")
+    np.testing.assert_array_equal(triton_s.sample(2, seed=4), ts.sample(2, seed=4))
+    images = np.random.default_rng().integers(0, 4, (2, 8, 8, 1)).astype(np.uint8)
+    np.testing.assert_allclose(triton_s.log_prob(images), ts.log_prob(images), rtol=1e-5)
+
+
+def test_triton_backend_refuses_the_cpu_without_the_interpreter(bundles, monkeypatch: pytest.MonkeyPatch) -> None:
+    from genforge.runtime import RuntimeBackendError, load
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeBackendError, match="runs on CUDA"):
+        load(bundles["pixelcnn"], backend="triton", device="cpu")

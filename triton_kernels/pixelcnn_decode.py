@@ -1,0 +1,325 @@
+"""Fused cached decoding of a PixelCNN in Triton: one persistent launch per batch tile decodes whole images.
+
+Per sub-pixel the cached step (models/incremental.py) is a chain of small matrix products; built from
+dozens of launches it would be launch-bound. Here one program owns BLOCK_B images and loops over every
+pixel, channel and layer itself, sampling each sub-pixel from its pre-drawn uniform by inverse CDF, so an
+image costs one launch whatever its size (``launches_per_batch``).
+
+State, per program:
+- the image being generated (the output, float levels), read back through the 7x7 mask-A taps;
+- for each residual block, a ring of ``k // 2 + 1`` rows of the block's kxk input (the cache of
+  Ramachandran et al. 2017), in a global scratch tensor; only the taps the mask keeps are read, so slots
+  right of or below the current position are never looked at and need no clearing.
+
+Feature widths are padded to powers of two >= 16 (``tl.dot``'s minimum) with zero weights. All arithmetic is
+float32; the uniforms stay float64 for the final comparison. See ``decode_reference`` for the same function
+in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .masked_conv import pack_masked_conv
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    tl = None
+
+HEADS = {"bernoulli": 0, "categorical": 1, "logistic-mixture": 2}
+
+
+def _p2(n: int) -> int:
+    return max(16, 1 << max(0, (n - 1).bit_length()))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sig(x):
+        return 1.0 / (1.0 + tl.exp(-x))
+
+    @triton.jit
+    def _matvec(a, w_ptr, K: tl.constexpr, N: tl.constexpr, ROW: tl.constexpr):
+        """a (BB, K) @ W (K, N) with W row-major at w_ptr (row stride ROW)."""
+        rk = tl.arange(0, K)
+        rn = tl.arange(0, N)
+        w = tl.load(w_ptr + rk[:, None] * ROW + rn[None, :])
+        return tl.dot(a, w)
+
+    @triton.jit
+    def _pixelcnn_decode_kernel(
+        x_ptr,  # (B, C, H, W) float32: the images being generated, zero at start (or the kept prefix)
+        u_ptr,  # (B, H, W, C) float64 uniforms
+        lab_ptr,  # (B,) int64 labels, read only if HAS_LABELS
+        scratch_ptr,  # (B, L, IP, R, W + 2 * PAD) float32 ring buffers of the blocks' kxk inputs
+        w0_ptr, dy0_ptr, dx0_ptr, b0_ptr,  # input conv: (T0, CP, HP), taps, (HP,)
+        emb_ptr,  # (classes, HP) label embedding
+        wr_ptr, br_ptr,  # reduce 1x1: (L, HP, IP), (L, IP)
+        wc_ptr, dyc_ptr, dxc_ptr, bc_ptr,  # block kxk: (L, T1, IP, IP), taps, (L, IP)
+        we_ptr, be_ptr,  # expand 1x1: (L, IP, HP), (L, HP)
+        w1_ptr, b1_ptr,  # out1: (HP, OP), (OP,)
+        w2_ptr, b2_ptr,  # out2 per channel and head parameter group: (C, G, OP, NP), (C, G, NP)
+        B, H, W, T0, T1, START_ROW,
+        C: tl.constexpr, L: tl.constexpr, R: tl.constexpr, PAD: tl.constexpr, LEVELS: tl.constexpr,
+        HEAD: tl.constexpr, G: tl.constexpr, NMIX: tl.constexpr, HAS_LABELS: tl.constexpr,
+        CP: tl.constexpr, HP: tl.constexpr, IP: tl.constexpr, OP: tl.constexpr, NP: tl.constexpr,
+        KP: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        b_ok = rb < B
+        zero_b = rb * 0
+        rc = tl.arange(0, CP)
+        rh = tl.arange(0, HP)
+        ri = tl.arange(0, IP)
+        ro = tl.arange(0, OP)
+        rn = tl.arange(0, NP)
+        rk = tl.arange(0, KP)
+        hw = H * W
+        WS = W + 2 * PAD  # one scratch row
+        s_base = rb[:, None] * (L * IP * R * WS)  # (BB, 1)
+        if HAS_LABELS:
+            lab = tl.load(lab_ptr + rb, mask=b_ok, other=0)
+            emb = tl.load(emb_ptr + lab[:, None] * HP + rh[None, :])
+        kf = rk.to(tl.float32)
+        half = 1.0 / (LEVELS - 1)
+        upper = (2.0 * kf + 1.0) * half - 1.0  # upper bin edge of each level
+        lower = upper - 2.0 * half
+        for i in range(0, H):  # rows above START_ROW are kept: computed (to fill the caches), not sampled
+            for j in range(0, W):
+                for kc in range(0, C):
+                    # ---- input convolution (mask A) over the kept taps of the image so far
+                    acc = tl.zeros((BLOCK_B, HP), dtype=tl.float32)
+                    for t in range(T0):
+                        yy = i + tl.load(dy0_ptr + t)
+                        xx = j + tl.load(dx0_ptr + t)
+                        # Scalar conditions are broadcast to vectors first: the interpreter rejects a mask
+                        # that mixes a scalar with a tensor.
+                        inside = ((zero_b + yy) >= 0) & ((zero_b + xx) >= 0) & ((zero_b + xx) < W)  # (BB,)
+                        ok = inside[:, None] & (rc[None, :] < C)  # (BB, CP)
+                        v = tl.load(x_ptr + rb[:, None] * (C * hw) + rc[None, :] * hw + yy * W + xx,
+                                    mask=b_ok[:, None] & ok, other=0.0)
+                        xin = tl.where(ok, v * (2.0 / (LEVELS - 1)) - 1.0, 0.0)  # zero padding outside
+                        acc += _matvec(xin, w0_ptr + t * CP * HP, CP, HP, HP)
+                    h = acc + tl.load(b0_ptr + rh)[None, :]
+                    if HAS_LABELS:
+                        h += emb
+                    # ---- residual blocks
+                    for layer in range(L):
+                        y = _matvec(tl.maximum(h, 0.0), wr_ptr + layer * HP * IP, HP, IP, IP)
+                        y = tl.maximum(y + tl.load(br_ptr + layer * IP + ri)[None, :], 0.0)
+                        l_base = s_base + layer * (IP * R * WS) + ri[None, :] * (R * WS)
+                        tl.store(scratch_ptr + l_base + (i % R) * WS + j + PAD, y, mask=b_ok[:, None])
+                        tl.debug_barrier()
+                        acc2 = tl.zeros((BLOCK_B, IP), dtype=tl.float32)
+                        for t in range(T1):
+                            yy = i + tl.load(dyc_ptr + t)
+                            xx = j + tl.load(dxc_ptr + t)
+                            inside = b_ok & ((zero_b + yy) >= 0) & ((zero_b + xx) >= 0) & ((zero_b + xx) < W)
+                            tap = tl.load(scratch_ptr + l_base + (yy % R) * WS + xx + PAD,
+                                          mask=inside[:, None] & (ri[None, :] >= 0), other=0.0)
+                            acc2 += _matvec(tap, wc_ptr + (layer * T1 + t) * IP * IP, IP, IP, IP)
+                        z = tl.maximum(acc2 + tl.load(bc_ptr + layer * IP + ri)[None, :], 0.0)
+                        h += _matvec(z, we_ptr + layer * IP * HP, IP, HP, HP)
+                        h += tl.load(be_ptr + layer * HP + rh)[None, :]
+                    o = _matvec(tl.maximum(h, 0.0), w1_ptr, HP, OP, OP) + tl.load(b1_ptr + ro)[None, :]
+                    o = tl.maximum(o, 0.0)
+                    # ---- the head of channel kc: level probabilities (BB, KP), unnormalized
+                    q_base = w2_ptr + kc * G * OP * NP
+                    qb = b2_ptr + kc * G * NP
+                    if HEAD == 0:  # bernoulli: one logit
+                        q = _matvec(o, q_base, OP, NP, NP) + tl.load(qb + rn)[None, :]
+                        logit = tl.sum(tl.where(rn[None, :] == 0, q, 0.0), axis=1)
+                        p1 = _sig(logit)
+                        probs = tl.where(rk[None, :] == 1, p1[:, None], 0.0)
+                        probs = tl.where(rk[None, :] == 0, 1.0 - p1[:, None], probs)
+                    elif HEAD == 1:  # categorical: K logits
+                        q = _matvec(o, q_base, OP, NP, NP) + tl.load(qb + rn)[None, :]
+                        q = tl.where(rn[None, :] < LEVELS, q, float("-inf"))
+                        probs = tl.exp(q - tl.max(q, axis=1)[:, None])
+                    else:  # logistic mixture: groups (logits, means, log-scales), NMIX components each
+                        pi = _matvec(o, q_base, OP, NP, NP) + tl.load(qb + rn)[None, :]
+                        mu = _matvec(o, q_base + OP * NP, OP, NP, NP) + tl.load(qb + NP + rn)[None, :]
+                        ls = _matvec(o, q_base + 2 * OP * NP, OP, NP, NP) + tl.load(qb + 2 * NP + rn)[None, :]
+                        pi = tl.where(rn[None, :] < NMIX, pi, float("-inf"))
+                        wts = tl.exp(pi - tl.max(pi, axis=1)[:, None])
+                        wts = wts / tl.sum(wts, axis=1)[:, None]
+                        inv_s = tl.exp(-tl.maximum(ls, -7.0))
+                        probs = tl.zeros((BLOCK_B, KP), dtype=tl.float32)
+                        for m in range(NMIX):
+                            sel = rn[None, :] == m
+                            mu_m = tl.sum(tl.where(sel, mu, 0.0), axis=1)[:, None]
+                            is_m = tl.sum(tl.where(sel, inv_s, 0.0), axis=1)[:, None]
+                            w_m = tl.sum(tl.where(sel, wts, 0.0), axis=1)[:, None]
+                            cdf_hi = tl.where(rk[None, :] >= LEVELS - 1, 1.0, _sig((upper[None, :] - mu_m) * is_m))
+                            cdf_lo = tl.where(rk[None, :] == 0, 0.0, _sig((lower[None, :] - mu_m) * is_m))
+                            probs += w_m * (cdf_hi - cdf_lo)
+                        probs = tl.where(rk[None, :] < LEVELS, probs, 0.0)
+                    # ---- inverse CDF with the pre-drawn uniform, as runtime/decoding.py does
+                    cdf = tl.cumsum(probs, axis=1)
+                    total = tl.sum(probs, axis=1)
+                    u = tl.load(u_ptr + rb * (hw * C) + (i * W + j) * C + kc, mask=b_ok, other=0.0)
+                    target = u * total.to(tl.float64)
+                    below = (cdf.to(tl.float64) <= target[:, None]) & (rk[None, :] < LEVELS - 1)
+                    level = tl.sum(below.to(tl.int32), axis=1)
+                    tl.store(x_ptr + rb * (C * hw) + kc * hw + i * W + j, level.to(tl.float32),
+                             mask=b_ok & ((zero_b + i) >= START_ROW))
+                    tl.debug_barrier()
+
+
+# ---------------------------------------------------------------- packing and launch
+
+
+@dataclass
+class PackedPixelCNN:
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, int]
+
+
+def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") -> PackedPixelCNN:
+    """Gather a PixelCNN's masked weights into the padded float32 layout the kernel reads."""
+    c = model.config
+    head = {"bernoulli": 0, "categorical": 1, "logistic-mixture": 2}[c.likelihood]
+    C, hidden, oh = c.channels, c.hidden, c.output_hidden
+    inner = model.blocks[0].conv.in_channels if len(model.blocks) else 1
+    CP, HP, IP, OP = _p2(C), _p2(hidden), _p2(inner), _p2(oh)
+    n_per = model.head.params_per_channel
+    G = 3 if head == 2 else 1
+    per_group = n_per // G
+    NP, KP = _p2(per_group), _p2(c.levels)
+    f32 = dict(dtype=torch.float32, device=device)
+
+    def pad2(w: torch.Tensor, r: int, k: int) -> torch.Tensor:
+        out = torch.zeros(r, k, **f32)
+        out[: w.shape[0], : w.shape[1]] = w.float()
+        return out
+
+    def pad1(v: torch.Tensor | None, n: int) -> torch.Tensor:
+        out = torch.zeros(n, **f32)
+        if v is not None:
+            out[: v.shape[0]] = v.float()
+        return out
+
+    def point(conv: torch.nn.Module, r: int, k: int) -> torch.Tensor:  # 1x1 masked conv as (in, out)
+        return pad2(conv.masked_weight()[:, :, 0, 0].t(), r, k)
+
+    p0 = pack_masked_conv(model.input_conv.weight.detach(), model.input_conv.mask, model.input_conv.bias)
+    w0 = torch.stack([pad2(w, CP, HP) for w in p0.weight]) if p0.taps else torch.zeros(0, CP, HP, **f32)
+    blocks = list(model.blocks)
+    L = len(blocks)
+    if L:
+        packs = [pack_masked_conv(b.conv.weight.detach(), b.conv.mask, b.conv.bias) for b in blocks]
+        wc = torch.stack([torch.stack([pad2(w, IP, IP) for w in p.weight]) for p in packs])
+        dyc, dxc, T1 = packs[0].dy, packs[0].dx, packs[0].taps
+        kernel = blocks[0].conv.kernel_size[0]
+    else:
+        wc = torch.zeros(1, 1, IP, IP, **f32)
+        dyc = dxc = torch.zeros(1, dtype=torch.int32)
+        T1, kernel = 0, 1
+    w2 = model.out2.masked_weight()[:, :, 0, 0].detach()  # (P * C, OH), rows laid out (P, C)
+    b2 = model.out2.bias.detach()
+    w2p = torch.zeros(C, G, OP, NP, **f32)
+    b2p = torch.zeros(C, G, NP, **f32)
+    for ch in range(C):
+        for g in range(G):
+            rows = [(g * per_group + p) * C + ch for p in range(per_group)]
+            w2p[ch, g, :oh, :per_group] = w2[rows].t().float()
+            b2p[ch, g, :per_group] = b2[rows].float()
+    emb = model.label_embedding.weight.detach() if model.label_embedding is not None else None
+    tensors = {
+        "w0": w0.contiguous(), "dy0": p0.dy.to(device), "dx0": p0.dx.to(device), "b0": pad1(model.input_conv.bias, HP),
+        "emb": pad2(emb, emb.shape[0], HP) if emb is not None else torch.zeros(1, HP, **f32),
+        "wr": torch.stack([point(b.reduce, HP, IP) for b in blocks]) if L else torch.zeros(1, HP, IP, **f32),
+        "br": torch.stack([pad1(b.reduce.bias, IP) for b in blocks]) if L else torch.zeros(1, IP, **f32),
+        "wc": wc.contiguous(), "dyc": dyc.to(device), "dxc": dxc.to(device),
+        "bc": torch.stack([pad1(b.conv.bias, IP) for b in blocks]) if L else torch.zeros(1, IP, **f32),
+        "we": torch.stack([point(b.expand, IP, HP) for b in blocks]) if L else torch.zeros(1, IP, HP, **f32),
+        "be": torch.stack([pad1(b.expand.bias, HP) for b in blocks]) if L else torch.zeros(1, HP, **f32),
+        "w1": point(model.out1, HP, OP), "b1": pad1(model.out1.bias, OP),
+        "w2": w2p.contiguous(), "b2": b2p.contiguous(),
+    }
+    meta = {"C": C, "L": L, "R": kernel // 2 + 1, "PAD": kernel // 2, "LEVELS": c.levels, "HEAD": head, "G": G,
+            "NMIX": c.n_mix if head == 2 else 1, "CP": CP, "HP": HP, "IP": IP, "OP": OP, "NP": NP, "KP": KP,
+            "T0": p0.taps, "T1": T1, "H": c.height, "W": c.width, "classes": c.num_classes}
+    return PackedPixelCNN({k: v.to(device) for k, v in tensors.items()}, meta)
+
+
+def launches_per_batch(batch: int, block_b: int = 16) -> int:
+    """Kernel launches to decode a batch of images: one per tile of block_b images, for the whole image."""
+    return -(-batch // block_b)
+
+
+def decode(
+    packed: PackedPixelCNN,
+    u: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
+    start_row: int = 0,
+    block_b: int = 16,
+) -> torch.Tensor:
+    """Decode images: u (B, H, W, C) float64 uniforms -> float32 levels (B, C, H, W).
+
+    With ``prefix`` (B, C, H, W) levels and ``start_row``, rows above start_row are kept: the kernel runs
+    over them with their known values (filling the caches) without sampling, then samples the rest.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    m, t = packed.meta, packed.tensors
+    b = u.shape[0]
+    if tuple(u.shape[1:]) != (m["H"], m["W"], m["C"]):
+        raise ValueError(f"uniforms must be (B, {m['H']}, {m['W']}, {m['C']}), got {tuple(u.shape)}")
+    if m["classes"] and labels is None:
+        raise ValueError("this model is class-conditional: pass labels")
+    if block_b < 16 or block_b & (block_b - 1):
+        raise ValueError(f"block_b must be a power of two >= 16, got {block_b}")
+    dev = t["w0"].device
+    x = torch.zeros(b, m["C"], m["H"], m["W"], dtype=torch.float32, device=dev)
+    if prefix is not None and start_row > 0:
+        x[:, :, :start_row] = prefix[:, :, :start_row].to(x)
+    scratch = torch.zeros(b, max(m["L"], 1), m["IP"], m["R"], m["W"] + 2 * m["PAD"], dtype=torch.float32, device=dev)
+    lab = labels.to(dev, torch.int64) if labels is not None else torch.zeros(1, dtype=torch.int64, device=dev)
+    u = u.to(dev, torch.float64).contiguous()
+    grid = (launches_per_batch(b, block_b),)
+    consts = {k: m[k] for k in ("C", "L", "R", "PAD", "LEVELS", "HEAD", "G", "NMIX", "CP", "HP", "IP", "OP", "NP",
+                                 "KP")}
+
+    _pixelcnn_decode_kernel[grid](
+        x, u, lab, scratch,
+        t["w0"], t["dy0"], t["dx0"], t["b0"], t["emb"], t["wr"], t["br"], t["wc"], t["dyc"], t["dxc"], t["bc"],
+        t["we"], t["be"], t["w1"], t["b1"], t["w2"], t["b2"],
+        b, m["H"], m["W"], m["T0"], m["T1"], start_row if prefix is not None else 0,
+        HAS_LABELS=labels is not None, BLOCK_B=block_b, **consts,
+    )
+    return x
+
+
+# ---------------------------------------------------------------- reference
+
+
+def decode_reference(
+    forward: object, u: torch.Tensor, levels: int, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The same function in plain PyTorch: one full forward pass per sub-pixel, inverse-CDF sampling.
+
+    ``forward(x (B, C, H, W) float levels, labels) -> log-probabilities (B, C, H, W, K)``.
+    """
+    b, h, w, c = u.shape
+    x = torch.zeros(b, c, h, w, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            for k in range(c):
+                lp = forward(x, labels)[:, k, i, j].double()  # type: ignore[operator]
+                p = torch.exp(lp - lp.max(dim=-1, keepdim=True).values)
+                cdf = p.cumsum(-1)
+                x[:, k, i, j] = (cdf[:, :-1] <= u[:, i, j, k, None].double() * cdf[:, -1:]).sum(-1).double()
+    return x.float()
+
+
+__all__ = ["HEADS", "PackedPixelCNN", "decode", "decode_reference", "launches_per_batch", "pack_pixelcnn"]
