@@ -55,6 +55,10 @@ def _model_choices() -> list[str]:
               help="Score at most this many held-out images per epoch (0: all).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also checkpoint every N steps (0: at the end of each epoch only).")
+@click.option("--kl-warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="VAE: raise the KL weight linearly from 0 to 1 over this many steps.")
+@click.option("--iw-samples", type=click.IntRange(min=0), default=8, show_default=True,
+              help="VAE: importance samples for the held-out NLL estimate each epoch (0: skip).")
 @click.option("--samples", "n_samples", type=click.IntRange(min=0), default=64, show_default=True,
               help="Images in the sample grid written each epoch (0: none).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -80,6 +84,7 @@ def train_command(**o: object) -> None:
         schedule=str(o["schedule"]), warmup_steps=int(o["warmup_steps"]), grad_clip=float(o["grad_clip"]),
         seed=int(o["seed"]), eval_limit=int(o["eval_limit"]), checkpoint_every=int(o["checkpoint_every"]),
         n_samples=int(o["n_samples"]), dynamic_binarize=bool(o["dynamic_binarize"]),
+        kl_warmup_steps=int(o["kl_warmup_steps"]), iw_samples=int(o["iw_samples"]),
     )
     data = DataSpec(
         name=str(o["data"]), path=o["data_path"], split=str(o["split"]),  # type: ignore[arg-type]
@@ -133,6 +138,13 @@ def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int,
               help="Image completion: a .npz whose 'images' (N, H, W, C) uint8 levels are kept for --rows rows; "
               "the rest is sampled (N replaces -n).")
 @click.option("--rows", type=click.IntRange(min=0), default=None, help="Rows kept with --complete.")
+@click.option("--mode", type=click.Choice(["mean", "sample"]), default="mean", show_default=True,
+              help="Autoencoder/VAE: show each sub-pixel's expected level, or draw it from p(x|z).")
+@click.option("--interpolate", "interpolate_from", default=None, metavar="IMAGES.npz|DATASET",
+              help="Autoencoder/VAE: a grid of interpolations between pairs of images, from a .npz ('images') or "
+              "a data set name (with --data-path; valid split); -n pairs, --steps columns.")
+@click.option("--data-path", type=click.Path(), default=None, help="Data set files for --interpolate DATASET.")
+@click.option("--steps", type=click.IntRange(min=2), default=8, show_default=True, help="Columns of --interpolate.")
 @click.option("--labels", default=None, metavar="I,J,...",
               help="Class labels for a conditional model: one per image, or one for all (default: i % classes).")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
@@ -141,10 +153,11 @@ def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int,
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
 def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str, device: str, decoder: str,
-                   complete_path: str | None, rows: int | None, labels: str | None, out: str, overwrite: bool,
+                   complete_path: str | None, rows: int | None, mode: str, interpolate_from: str | None,
+                   data_path: str | None, steps: int, labels: str | None, out: str, overwrite: bool,
                    quiet: bool) -> None:
     """Sample N images from BUNDLE and write them to OUT."""
-    from genforge.runtime import InputError, load
+    from genforge.runtime import AutoregressiveSampler, InputError, LatentSampler, load
     from genforge.runtime.files import read_images_npz, save_images
 
     if not out.lower().endswith((".png", ".npz")):
@@ -165,10 +178,41 @@ def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str
         except ValueError:
             raise InputError(f"--labels must be comma-separated integers, got {labels!r}") from None
         lab = values * n if len(values) == 1 else values
-    kw = {"seed": seed, "batch_size": batch_size, "labels": lab, "decoder": decoder, "progress": not quiet}
-    if prefix is not None:
-        images = sampler.complete(prefix, int(rows or 0), **kw)  # type: ignore[attr-defined]
+    kw: dict[str, object] = {"seed": seed, "batch_size": batch_size, "labels": lab, "progress": not quiet}
+    nrow = None
+    if isinstance(sampler, AutoregressiveSampler):
+        kw["decoder"] = decoder
+    elif isinstance(sampler, LatentSampler):
+        kw["mode"] = mode
+    elif mode != "mean":
+        raise click.UsageError("--mode applies to autoencoder and VAE bundles")
+    if interpolate_from is not None:
+        if not isinstance(sampler, LatentSampler):
+            raise click.UsageError("--interpolate needs an autoencoder or VAE bundle")
+        pairs = _interpolation_images(interpolate_from, data_path, 2 * n, sampler.levels)
+        grid = sampler.interpolate(pairs[:n], pairs[n : 2 * n], steps, labels=lab)
+        images, nrow = grid.reshape(-1, *grid.shape[2:]), steps
+    elif prefix is not None:
+        if not isinstance(sampler, AutoregressiveSampler):
+            raise click.UsageError("--complete needs an autoregressive bundle")
+        images = sampler.complete(prefix, int(rows or 0), **kw)  # type: ignore[arg-type]
     else:
-        images = sampler.sample(n, **kw)  # type: ignore[attr-defined]
-    save_images(out, images, levels=sampler.levels, overwrite=overwrite)
-    click.echo(f"wrote {n} images ({sampler.backend.name}, {sampler.backend.device}) to {out}")
+        images = sampler.sample(n, **kw)  # type: ignore[arg-type]
+    save_images(out, images, levels=sampler.levels, overwrite=overwrite, nrow=nrow)
+    click.echo(f"wrote {len(images)} images ({sampler.backend.name}, {sampler.backend.device}) to {out}")
+
+
+def _interpolation_images(source: str, data_path: str | None, count: int, levels: int) -> object:
+    """``count`` images for --interpolate: the first ones of a .npz, or of a data set's valid split."""
+    from genforge.runtime import InputError
+    from genforge.runtime.files import read_images_npz
+
+    if source.lower().endswith(".npz"):
+        images = read_images_npz(source)
+    else:
+        from genforge.train import load_dataset
+
+        images = load_dataset(source, split="valid", path=data_path, levels=levels).images
+    if len(images) < count:
+        raise InputError(f"--interpolate needs {count} images, {source} has {len(images)}")
+    return images[:count]

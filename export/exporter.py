@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from genforge.models import AutoregressiveModel
+from genforge.models import VAE, AutoregressiveModel, LatentModel
 from genforge.models.incremental import IncrementalModel, incremental
 from genforge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FORMATS, MANIFEST, read_bundle, sha256_file
 from genforge.runtime.files import atomic_write_json
@@ -157,9 +157,57 @@ def autoregressive_graphs(model: AutoregressiveModel) -> list[GraphDef]:
         return graphs
 
 
+class _EncodeGraph(nn.Module):
+    def __init__(self, model: LatentModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        return self.model.encode(x, labels)
+
+
+class _DecodeGraph(nn.Module):
+    def __init__(self, model: LatentModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.decode(z, labels)
+
+
+def latent_graphs(model: LatentModel) -> list[GraphDef]:
+    """``encode``: x -> mean[, logvar]; ``decode``: z -> log_probs (VAE) or the reconstruction (autoencoder)."""
+    c = model.config
+    label_in = [{"name": "labels", "shape": ["batch"], "dtype": "int64"}] if c.num_classes else []
+
+    def labels(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.randint(0, c.num_classes, (batch,), generator=g),) if c.num_classes else ()
+
+    def make_x(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.randint(0, c.levels, (batch, c.channels, c.height, c.width), generator=g).float(),
+                *labels(batch, g))
+
+    def make_z(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, c.latent_size, generator=g), *labels(batch, g))
+
+    z_spec = {"shape": ["batch", c.latent_size], "dtype": "float32"}
+    vae = isinstance(model, VAE)
+    enc_out = [{"name": "mean", **z_spec}] + ([{"name": "logvar", **z_spec}] if vae else [])
+    image = ["batch", c.channels, c.height, c.width]
+    dec_out = ({"name": "log_probs", "shape": [*image, c.levels], "dtype": "float32"} if vae
+               else {"name": "x_mean", "shape": image, "dtype": "float32"})
+    x_in = {"name": "x", "shape": image, "dtype": "float32"}
+    return [
+        GraphDef("encode", _EncodeGraph(model), [x_in, *label_in], enc_out, make_x),
+        GraphDef("decode", _DecodeGraph(model), [{"name": "z", **z_spec}, *label_in], [dec_out], make_z),
+    ]
+
+
 def graph_defs(model: nn.Module) -> list[GraphDef]:
     if isinstance(model, AutoregressiveModel):
         return autoregressive_graphs(model)
+    if isinstance(model, LatentModel):
+        return latent_graphs(model)
     raise ExportError(f"no exporter for {type(model).__name__}")
 
 
@@ -290,6 +338,11 @@ def export_run(
         # The weights travel too: the Triton backend runs its own kernels on them rather than a graph.
         save_weights(tmp / WEIGHTS, model)
         cfg = model.config
+        prior = None
+        if isinstance(model, LatentModel):  # what z is drawn from: N(0, I), or the autoencoder's fitted Gaussian
+            mean = getattr(model, "latent_mean", torch.zeros(cfg.latent_size))
+            std = getattr(model, "latent_std", torch.ones(cfg.latent_size))
+            prior = {"mean": mean.tolist(), "std": std.tolist()}
         manifest = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
@@ -301,6 +354,7 @@ def export_run(
             "likelihood": getattr(cfg, "likelihood", None),
             "num_classes": cfg.num_classes,
             "latent_size": getattr(cfg, "latent_size", None),
+            "prior": prior,
             "graphs": graphs,
             "decoders": ["naive", "cached"] if any(k.startswith("step.") for k in graphs) else ["naive"],
             "parity": parity,

@@ -3,6 +3,7 @@
 from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError, ImageConfig
 from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from .heads import LIKELIHOODS, make_head, nll_from_log_probs
+from .latent import VAE, Autoencoder, AutoencoderConfig, LatentModel, VAEConfig
 from .layers import MaskedConv2d, causal_mask, gate
 from .pixelcnn import PixelCNN, PixelCNNConfig
 from .registry import MODELS, ModelSpec, build_model, get_spec, make_config
@@ -10,16 +11,21 @@ from .registry import MODELS, ModelSpec, build_model, get_spec, make_config
 __all__ = [
     "LIKELIHOODS",
     "MODELS",
+    "VAE",
+    "Autoencoder",
+    "AutoencoderConfig",
     "AutoregressiveConfig",
     "AutoregressiveModel",
     "ConfigError",
     "GatedPixelCNN",
     "GatedPixelCNNConfig",
     "ImageConfig",
+    "LatentModel",
     "MaskedConv2d",
     "ModelSpec",
     "PixelCNN",
     "PixelCNNConfig",
+    "VAEConfig",
     "build_model",
     "causal_mask",
     "gate",

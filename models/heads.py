@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LikelihoodName = Literal["bernoulli", "categorical", "logistic-mixture"]
-LIKELIHOODS: tuple[str, ...] = ("bernoulli", "categorical", "logistic-mixture")
+LikelihoodName = Literal["bernoulli", "categorical", "logistic-mixture", "gaussian"]
+LIKELIHOODS: tuple[str, ...] = ("bernoulli", "categorical", "logistic-mixture", "gaussian")
 
 
 class Head(nn.Module):
@@ -111,6 +111,32 @@ class LogisticMixtureHead(Head):
         return torch.logsumexp(lp + log_w, dim=1)  # (B, C, H, W, K)
 
 
+class DiscretizedGaussianHead(Head):
+    """A Gaussian over [-1, 1] discretized to the K level bins (outer bins to ±infinity), so that its
+    log-likelihood is a proper probability of the discrete data. Parameters: mean and log-scale."""
+
+    name = "gaussian"
+
+    def __init__(self, levels: int) -> None:
+        super().__init__(levels)
+        self.params_per_channel = 2
+        self.half_bin = 1.0 / (levels - 1)
+
+    def log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        mean = params[:, 0][..., None]  # (B, C, H, W, 1)
+        inv_s = torch.exp(-params[:, 1].clamp(min=-7.0))[..., None]
+        k = torch.arange(self.levels - 1, dtype=params.dtype, device=params.device)
+        edges = (2.0 * k + 1.0) * self.half_bin - 1.0
+        z = (edges - mean) * inv_s * (1.0 / math.sqrt(2.0))
+        # log Phi at the edges, with erfc for accuracy in both tails.
+        log_cdf = torch.log(0.5 * torch.special.erfc(-z).clamp(min=1e-30))
+        log_sf = torch.log(0.5 * torch.special.erfc(z).clamp(min=1e-30))
+        cdf = torch.exp(log_cdf)
+        inner = torch.log((cdf[..., 1:] - cdf[..., :-1]).clamp(min=1e-30))
+        lp = torch.cat([log_cdf[..., :1], inner, log_sf[..., -1:]], dim=-1)
+        return lp - torch.logsumexp(lp, dim=-1, keepdim=True)  # renormalize the clamped tails
+
+
 def make_head(likelihood: str, levels: int, n_mix: int = 5) -> Head:
     """The head named ``likelihood`` (one of LIKELIHOODS)."""
     if likelihood == "bernoulli":
@@ -119,6 +145,8 @@ def make_head(likelihood: str, levels: int, n_mix: int = 5) -> Head:
         return CategoricalHead(levels)
     if likelihood == "logistic-mixture":
         return LogisticMixtureHead(levels, n_mix)
+    if likelihood == "gaussian":
+        return DiscretizedGaussianHead(levels)
     raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from .base import ConfigError, ImageConfig
 from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
+from .latent import VAE, Autoencoder, AutoencoderConfig, VAEConfig
 from .pixelcnn import PixelCNN, PixelCNNConfig
 
 
@@ -32,6 +33,9 @@ MODELS: dict[str, ModelSpec] = {
                   "PixelCNN with residual blocks (van den Oord et al. 2016a)"),
         ModelSpec("gated-pixelcnn", GatedPixelCNNConfig, GatedPixelCNN, "autoregressive",
                   "Gated PixelCNN without the blind spot (van den Oord et al. 2016b)"),
+        ModelSpec("autoencoder", AutoencoderConfig, Autoencoder, "latent",
+                  "Convolutional autoencoder with the L2 reconstruction loss"),
+        ModelSpec("vae", VAEConfig, VAE, "latent", "Variational autoencoder (Kingma & Welling 2014)"),
     )
 }
 

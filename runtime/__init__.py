@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .backends import BACKENDS, RuntimeBackendError, make_backend
 from .bundle import Bundle, BundleError, read_bundle
-from .sampler import AutoregressiveSampler, InputError, Sampler
+from .sampler import AutoregressiveSampler, InputError, LatentSampler, Sampler
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Sampler:
@@ -21,6 +21,8 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Sampl
     runner = make_backend(bundle, backend, device)
     if bundle.family == "autoregressive":
         return AutoregressiveSampler(bundle, runner)
+    if bundle.family == "latent":
+        return LatentSampler(bundle, runner)
     raise BundleError(f"{bundle.path}: unknown model family {bundle.family!r} in the manifest")
 
 
@@ -30,6 +32,7 @@ __all__ = [
     "Bundle",
     "BundleError",
     "InputError",
+    "LatentSampler",
     "RuntimeBackendError",
     "Sampler",
     "load",

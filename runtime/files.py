@@ -85,14 +85,16 @@ def save_grid(path: str | Path, images: np.ndarray, *, levels: int, nrow: int | 
         im.save(f, format="PNG")
 
 
-def save_images(path: str | Path, images: np.ndarray, *, levels: int, overwrite: bool = False) -> Path:
+def save_images(
+    path: str | Path, images: np.ndarray, *, levels: int, overwrite: bool = False, nrow: int | None = None
+) -> Path:
     """``.png``: a grid; ``.npz``: the raw uint8 array under ``images`` (with ``levels``)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(None, "exists", str(path))
     suffix = path.suffix.lower()
     if suffix == ".png":
-        save_grid(path, images, levels=levels)
+        save_grid(path, images, levels=levels, nrow=nrow)
     elif suffix == ".npz":
         with atomic_open(path, "wb") as f:
             np.savez(f, images=images, levels=np.int64(levels))

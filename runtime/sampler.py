@@ -8,8 +8,9 @@ import numpy as np
 from .backends import Backend
 from .bundle import Bundle
 from .decoding import cached_decode, naive_decode
+from .latent import levels_from_log_probs, levels_from_mean
 from .progress import Progress, chunks
-from .randomness import uniforms
+from .randomness import normals, uniforms
 
 
 class InputError(ValueError):
@@ -165,3 +166,100 @@ class AutoregressiveSampler(Sampler):
             picked = np.take_along_axis(lp, x[..., None].astype(np.int64), axis=-1)[..., 0]
             out[a:b] = picked.astype(np.float64).reshape(b - a, -1).sum(axis=1)
         return out
+
+
+class LatentSampler(Sampler):
+    """Samples, encodes, decodes and interpolates with an autoencoder or VAE bundle.
+
+    Images come out as uint8 levels. ``mode="mean"`` (default) shows each sub-pixel's expected level under
+    p(x|z) (the reconstruction, for an autoencoder); ``mode="sample"`` draws it, with uniforms from
+    (seed, image index) on a stream of their own.
+    """
+
+    def __init__(self, bundle: Bundle, backend: Backend) -> None:
+        super().__init__(bundle, backend)
+        self.latent_size = int(bundle.manifest["latent_size"])
+        prior = bundle.manifest.get("prior") or {}
+        self.prior_mean = np.asarray(prior.get("mean", np.zeros(self.latent_size)), dtype=np.float64)
+        self.prior_std = np.asarray(prior.get("std", np.ones(self.latent_size)), dtype=np.float64)
+        self.is_vae = any(o["name"] == "log_probs" for o in bundle.graph("decode", bundle.formats[0]).outputs)
+
+    def _feed(self, name: str, value: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
+        feed = {name: np.ascontiguousarray(value, dtype=np.float32)}
+        if labels is not None:
+            feed["labels"] = labels
+        return feed
+
+    def encode(
+        self, images: np.ndarray, *, labels: np.ndarray | list[int] | None = None, batch_size: int = 64
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, log-variance) of q(z|x), each float32 (N, Z); an autoencoder's log-variance is zero."""
+        images = self.check_images(images)
+        lab = self.resolve_labels(len(images), labels)
+        means, logvars = [], []
+        for a, b in chunks(len(images), batch_size):
+            x = images[a:b].transpose(0, 3, 1, 2)
+            out = self.backend.run("encode", self._feed("x", x, None if lab is None else lab[a:b]))
+            means.append(out[0])
+            logvars.append(out[1] if len(out) > 1 else np.zeros_like(out[0]))
+        return np.concatenate(means), np.concatenate(logvars)
+
+    def decode(
+        self, z: np.ndarray, *, labels: np.ndarray | list[int] | None = None, batch_size: int = 64,
+        mode: str = "mean", seed: int = 0, start: int = 0,
+    ) -> np.ndarray:
+        """Latents (N, Z) -> uint8 levels (N, H, W, C)."""
+        z = np.asarray(z, dtype=np.float64)
+        if z.ndim != 2 or z.shape[1] != self.latent_size:
+            raise InputError(f"expected latents of shape (N, {self.latent_size}), got {z.shape}")
+        lab = self.resolve_labels(len(z), labels, start)
+        h, w, c = self.image_shape
+        out = np.zeros((len(z), h, w, c), dtype=np.uint8)
+        for a, b in chunks(len(z), batch_size):
+            res = self.backend.run("decode", self._feed("z", z[a:b], None if lab is None else lab[a:b]))[0]
+            if not self.is_vae:
+                out[a:b] = levels_from_mean(res, self.levels)
+                continue
+            u = uniforms(seed, start + a, start + b, (h, w, c), stream=1) if mode == "sample" else None
+            out[a:b] = levels_from_log_probs(res, mode, u)
+        return out
+
+    def sample(
+        self, n: int, *, seed: int = 0, batch_size: int = 64, labels: np.ndarray | list[int] | None = None,
+        start: int = 0, mode: str = "mean", progress: bool = False,
+    ) -> np.ndarray:
+        """n images from z = mean + std * eps, eps ~ N(0, I) drawn from (seed, start + i): (n, H, W, C)."""
+        if n < 0:
+            raise InputError(f"n must be >= 0, got {n}")
+        eps = normals(seed, start, start + n, self.latent_size) if n else np.zeros((0, self.latent_size))
+        z = self.prior_mean + self.prior_std * eps
+        with Progress(n, "sample", enabled=progress) as bar:
+            out = self.decode(z, labels=labels, batch_size=batch_size, mode=mode, seed=seed, start=start)
+            bar.update(n)
+        return out
+
+    def reconstruct(
+        self, images: np.ndarray, *, labels: np.ndarray | list[int] | None = None, batch_size: int = 64
+    ) -> np.ndarray:
+        mean, _ = self.encode(images, labels=labels, batch_size=batch_size)
+        return self.decode(mean, labels=labels, batch_size=batch_size)
+
+    def interpolate(
+        self, a: np.ndarray, b: np.ndarray, steps: int = 8, *, labels: np.ndarray | list[int] | None = None
+    ) -> np.ndarray:
+        """Decoded points on the line between the codes of a and b: (N, steps, H, W, C) for N pairs."""
+        a, b = np.asarray(a), np.asarray(b)
+        if a.ndim == 3:
+            a, b = a[None], b[None]
+        if a.shape != b.shape:
+            raise InputError(f"a and b must have the same shape, got {a.shape} and {b.shape}")
+        if steps < 2:
+            raise InputError(f"steps must be >= 2, got {steps}")
+        lab = self.resolve_labels(len(a), labels)
+        za, _ = self.encode(a, labels=lab)
+        zb, _ = self.encode(b, labels=lab)
+        t = np.linspace(0.0, 1.0, steps)[None, :, None]
+        path = (za[:, None] * (1 - t) + zb[:, None] * t).reshape(-1, self.latent_size)
+        rep = None if lab is None else np.repeat(lab, steps)
+        h, w, c = self.image_shape
+        return self.decode(path, labels=rep).reshape(len(a), steps, h, w, c)

@@ -53,6 +53,8 @@ class TrainConfig:
     n_samples: int = 64  # images in each epoch's sample grid; 0: none
     log_every: int = 10
     dynamic_binarize: bool = False
+    kl_warmup_steps: int = 0  # VAE: the KL weight rises linearly from 0 to 1 over these steps
+    iw_samples: int = 8  # VAE: importance samples of the held-out NLL estimate each epoch (0: none)
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -216,6 +218,8 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 x, y = self.batch(step)
+                if hasattr(self.objective, "set_step"):
+                    self.objective.set_step(step)
                 with self.autocast():
                     loss, batch_metrics = self.objective.loss(self.model, x, y)
                 if not torch.isfinite(loss):
