@@ -44,8 +44,8 @@ def _model_choices() -> list[str]:
 @click.option("--steps", type=click.IntRange(min=0), default=None,
               help="Total optimizer steps; overrides --epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True,
-              help="Peak learning rate of AdamW.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate (AdamW; Adam for the GAN) [default: 3e-3; 2e-4 for gan].")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True)
@@ -55,6 +55,10 @@ def _model_choices() -> list[str]:
               help="Score at most this many held-out images per epoch (0: all).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also checkpoint every N steps (0: at the end of each epoch only).")
+@click.option("--gan-k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="GAN: discriminator steps per generator step (Algorithm 1's k).")
+@click.option("--gan-loss", type=click.Choice(["non-saturating", "minimax"]), default="non-saturating",
+              show_default=True, help="GAN generator loss: maximize log D(G(z)), or minimize log(1 - D(G(z))).")
 @click.option("--kl-warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="VAE: raise the KL weight linearly from 0 to 1 over this many steps.")
 @click.option("--iw-samples", type=click.IntRange(min=0), default=8, show_default=True,
@@ -80,11 +84,13 @@ def train_command(**o: object) -> None:
     extend = {k: o[k] for k in ("epochs", "steps") if o[k] is not None}
     tcfg = TrainConfig(
         epochs=int(o["epochs"] or TrainConfig.epochs), steps=int(o["steps"] or 0),
-        batch_size=int(o["batch_size"]), lr=float(o["lr"]), weight_decay=float(o["weight_decay"]),
+        batch_size=int(o["batch_size"]), lr=float(o["lr"] or (2e-4 if o["model"] == "gan" else 3e-3)),
+        weight_decay=float(o["weight_decay"]),
         schedule=str(o["schedule"]), warmup_steps=int(o["warmup_steps"]), grad_clip=float(o["grad_clip"]),
         seed=int(o["seed"]), eval_limit=int(o["eval_limit"]), checkpoint_every=int(o["checkpoint_every"]),
         n_samples=int(o["n_samples"]), dynamic_binarize=bool(o["dynamic_binarize"]),
         kl_warmup_steps=int(o["kl_warmup_steps"]), iw_samples=int(o["iw_samples"]),
+        gan_k=int(o["gan_k"]), gan_loss=str(o["gan_loss"]),
     )
     data = DataSpec(
         name=str(o["data"]), path=o["data_path"], split=str(o["split"]),  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from genforge.models import VAE, AutoregressiveModel, LatentModel
+from genforge.models import GAN, VAE, AutoregressiveModel, LatentModel
 from genforge.models.incremental import IncrementalModel, incremental
 from genforge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FORMATS, MANIFEST, read_bundle, sha256_file
 from genforge.runtime.files import atomic_write_json
@@ -203,7 +203,32 @@ def latent_graphs(model: LatentModel) -> list[GraphDef]:
     ]
 
 
+class _GenerateGraph(nn.Module):
+    def __init__(self, model: GAN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.generate(z, labels)
+
+
+def gan_graphs(model: GAN) -> list[GraphDef]:
+    """``generate``: z [, labels] -> images in [-1, 1] (batch norm in inference mode)."""
+    c = model.config
+    label_in = [{"name": "labels", "shape": ["batch"], "dtype": "int64"}] if c.num_classes else []
+
+    def make_z(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        z = torch.randn(batch, c.latent_size, generator=g)
+        return (z, torch.randint(0, c.num_classes, (batch,), generator=g)) if c.num_classes else (z,)
+
+    out = {"name": "x_mean", "shape": ["batch", c.channels, c.height, c.width], "dtype": "float32"}
+    z_in = {"name": "z", "shape": ["batch", c.latent_size], "dtype": "float32"}
+    return [GraphDef("generate", _GenerateGraph(model), [z_in, *label_in], [out], make_z)]
+
+
 def graph_defs(model: nn.Module) -> list[GraphDef]:
+    if isinstance(model, GAN):
+        return gan_graphs(model)
     if isinstance(model, AutoregressiveModel):
         return autoregressive_graphs(model)
     if isinstance(model, LatentModel):
@@ -308,7 +333,11 @@ def export_run(
         raise ExportError(f"{out}: output directory exists and is not empty (pass --overwrite)")
     model, run = load_run(run_dir, ema=ema)
     model = model.float().cpu().eval()
+    # Wrappers in eval mode too: the ONNX exporter restores each wrapper's own mode afterwards, recursively,
+    # which would put batch norm back into training mode before verification.
     defs = graph_defs(model)
+    for g in defs:
+        g.module.eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -339,7 +368,7 @@ def export_run(
         save_weights(tmp / WEIGHTS, model)
         cfg = model.config
         prior = None
-        if isinstance(model, LatentModel):  # what z is drawn from: N(0, I), or the autoencoder's fitted Gaussian
+        if isinstance(model, (LatentModel, GAN)):  # what z is drawn from: N(0, I), or the AE's fitted Gaussian
             mean = getattr(model, "latent_mean", torch.zeros(cfg.latent_size))
             std = getattr(model, "latent_std", torch.ones(cfg.latent_size))
             prior = {"mean": mean.tolist(), "std": std.tolist()}

@@ -1,6 +1,7 @@
 """genforge.models: the networks, their configs, the likelihood heads and the model registry."""
 
 from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError, ImageConfig
+from .gan import GAN, GANConfig
 from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from .heads import LIKELIHOODS, make_head, nll_from_log_probs
 from .latent import VAE, Autoencoder, AutoencoderConfig, LatentModel, VAEConfig
@@ -9,6 +10,7 @@ from .pixelcnn import PixelCNN, PixelCNNConfig
 from .registry import MODELS, ModelSpec, build_model, get_spec, make_config
 
 __all__ = [
+    "GAN",
     "LIKELIHOODS",
     "MODELS",
     "VAE",
@@ -17,6 +19,7 @@ __all__ = [
     "AutoregressiveConfig",
     "AutoregressiveModel",
     "ConfigError",
+    "GANConfig",
     "GatedPixelCNN",
     "GatedPixelCNNConfig",
     "ImageConfig",

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from .base import ConfigError, ImageConfig
+from .gan import GAN, GANConfig
 from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from .latent import VAE, Autoencoder, AutoencoderConfig, VAEConfig
 from .pixelcnn import PixelCNN, PixelCNNConfig
@@ -36,6 +37,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("autoencoder", AutoencoderConfig, Autoencoder, "latent",
                   "Convolutional autoencoder with the L2 reconstruction loss"),
         ModelSpec("vae", VAEConfig, VAE, "latent", "Variational autoencoder (Kingma & Welling 2014)"),
+        ModelSpec("gan", GANConfig, GAN, "gan", "DCGAN (Radford et al. 2016) trained as in Goodfellow et al. 2014"),
     )
 }
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .backends import BACKENDS, RuntimeBackendError, make_backend
 from .bundle import Bundle, BundleError, read_bundle
-from .sampler import AutoregressiveSampler, InputError, LatentSampler, Sampler
+from .sampler import AutoregressiveSampler, GANSampler, InputError, LatentSampler, Sampler
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Sampler:
@@ -23,6 +23,8 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Sampl
         return AutoregressiveSampler(bundle, runner)
     if bundle.family == "latent":
         return LatentSampler(bundle, runner)
+    if bundle.family == "gan":
+        return GANSampler(bundle, runner)
     raise BundleError(f"{bundle.path}: unknown model family {bundle.family!r} in the manifest")
 
 
@@ -31,6 +33,7 @@ __all__ = [
     "AutoregressiveSampler",
     "Bundle",
     "BundleError",
+    "GANSampler",
     "InputError",
     "LatentSampler",
     "RuntimeBackendError",

@@ -263,3 +263,39 @@ class LatentSampler(Sampler):
         rep = None if lab is None else np.repeat(lab, steps)
         h, w, c = self.image_shape
         return self.decode(path, labels=rep).reshape(len(a), steps, h, w, c)
+
+
+class GANSampler(Sampler):
+    """Samples a GAN bundle's generator: z ~ N(0, I) from (seed, image index), images as uint8 levels."""
+
+    def __init__(self, bundle: Bundle, backend: Backend) -> None:
+        super().__init__(bundle, backend)
+        self.latent_size = int(bundle.manifest["latent_size"])
+
+    def generate(
+        self, z: np.ndarray, *, labels: np.ndarray | list[int] | None = None, batch_size: int = 64, start: int = 0
+    ) -> np.ndarray:
+        z = np.asarray(z, dtype=np.float32)
+        if z.ndim != 2 or z.shape[1] != self.latent_size:
+            raise InputError(f"expected latents of shape (N, {self.latent_size}), got {z.shape}")
+        lab = self.resolve_labels(len(z), labels, start)
+        h, w, c = self.image_shape
+        out = np.zeros((len(z), h, w, c), dtype=np.uint8)
+        for a, b in chunks(len(z), batch_size):
+            feed = {"z": np.ascontiguousarray(z[a:b])}
+            if lab is not None:
+                feed["labels"] = lab[a:b]
+            out[a:b] = levels_from_mean(self.backend.run("generate", feed)[0], self.levels)
+        return out
+
+    def sample(
+        self, n: int, *, seed: int = 0, batch_size: int = 64, labels: np.ndarray | list[int] | None = None,
+        start: int = 0, progress: bool = False,
+    ) -> np.ndarray:
+        if n < 0:
+            raise InputError(f"n must be >= 0, got {n}")
+        z = normals(seed, start, start + n, self.latent_size) if n else np.zeros((0, self.latent_size))
+        with Progress(n, "sample", enabled=progress) as bar:
+            out = self.generate(z, labels=labels, batch_size=batch_size, start=start)
+            bar.update(n)
+        return out

@@ -11,13 +11,16 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from genforge.models import VAE, AutoregressiveModel, LatentModel
+from genforge.models import GAN, VAE, AutoregressiveModel, LatentModel
 from genforge.models.incremental import EagerStepper, incremental
 from genforge.runtime.decoding import cached_decode, naive_decode
 from genforge.runtime.latent import levels_from_log_probs, levels_from_mean
 from genforge.runtime.randomness import normals, uniforms
+
+from .data import ImageData
 
 
 class Objective(Protocol):
@@ -145,10 +148,138 @@ class LatentObjective:
         return levels_from_mean(model.decode(z, lab).double().cpu().numpy(), c.levels)
 
 
-def objective_for(model: nn.Module, kl_warmup_steps: int = 0, iw_samples: int = 8) -> Objective:
+GAN_LOSSES = ("non-saturating", "minimax")
+
+
+def generator_loss(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """The generator's loss from D's logits on generated images.
+
+    non-saturating: -log D(G(z)); minimax: log(1 - D(G(z))) = -softplus(logit).
+    """
+    if kind == "non-saturating":
+        return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+    if kind == "minimax":
+        return -F.softplus(logits).mean()
+    raise ValueError(f"unknown generator loss {kind!r}; choose one of {', '.join(GAN_LOSSES)}")
+
+
+class GANObjective:
+    """Algorithm 1 of Goodfellow et al. 2014: k discriminator steps (each on a fresh real batch) per
+    generator step, Adam with the customary betas (0.5, 0.999).
+
+    Generator losses: ``non-saturating`` (default) maximizes log D(G(z)); ``minimax`` minimizes
+    log(1 - D(G(z))), whose gradient vanishes exactly when D confidently rejects the samples, early in
+    training. A NaN loss, or generated batches that stop varying (mode collapse), stop the run with a
+    TrainingError; the trainer's last checkpoint stays as it was.
+    """
+
+    def __init__(self, model: nn.Module, *, k: int = 1, loss: str = "non-saturating", lr: float = 2e-4,
+                 train_data: ImageData | None = None, eval_samples: int = 500) -> None:
+        if loss not in GAN_LOSSES:
+            raise ValueError(f"unknown generator loss {loss!r}; choose one of {', '.join(GAN_LOSSES)}")
+        if k < 1:
+            raise ValueError(f"k (discriminator steps per generator step) must be >= 1, got {k}")
+        self.batches_per_step = k
+        self.loss_kind = loss
+        betas = (0.5, 0.999)
+        self.opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=lr, betas=betas)
+        self.opt_g = torch.optim.Adam(model.generator.parameters(), lr=lr, betas=betas)
+        self.train_data = train_data
+        self.eval_samples = eval_samples
+        self.feature_net: object = None
+        self.flat_steps = 0
+
+    def state_dict(self) -> dict[str, object]:
+        return {"opt_d": self.opt_d.state_dict(), "opt_g": self.opt_g.state_dict(), "flat_steps": self.flat_steps}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.opt_d.load_state_dict(state["opt_d"])  # type: ignore[arg-type]
+        self.opt_g.load_state_dict(state["opt_g"])  # type: ignore[arg-type]
+        self.flat_steps = int(state["flat_steps"])  # type: ignore[call-overload]
+
+    def train_step(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], step: int,
+                   lr: float) -> dict[str, float]:
+        from .trainer import TrainingError
+
+        for opt in (self.opt_d, self.opt_g):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        zsize = model.config.latent_size
+        for x, y in batches:
+            # Dequantize: real images are discrete levels and fakes continuous; without noise D can tell them
+            # apart by that alone.
+            real = model.normalize(x.float() + torch.rand(x.shape, device=x.device) - 0.5)
+            fake = model.generate(torch.randn(len(x), zsize, device=x.device), y).detach()
+            d_real, d_fake = model.discriminate(real, y), model.discriminate(fake, y)
+            d_loss = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+                      + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+        fake = model.generate(torch.randn(len(x), zsize, device=x.device), y)
+        logits = model.discriminate(fake, y)
+        g_loss = generator_loss(logits, self.loss_kind)
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_g.step()
+        metrics = {"loss": float(g_loss.detach()), "d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()),
+                   "d_real": float(torch.sigmoid(d_real.detach()).mean()),
+                   "d_fake": float(torch.sigmoid(d_fake.detach()).mean())}
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise TrainingError(f"the GAN losses became non-finite at step {step} ({metrics}); the last checkpoint "
+                                "is intact (lower --lr)")
+        spread = float(fake.detach().std(0).mean()) if len(fake) > 1 else 1.0
+        self.flat_steps = self.flat_steps + 1 if spread < 1e-3 else 0
+        if self.flat_steps >= 50:
+            raise TrainingError(f"mode collapse at step {step}: generated images have not varied for 50 steps "
+                                "(spread {spread:.2g}); the last checkpoint is intact")
+        return metrics
+
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError("GAN training runs through train_step")
+
+    def evaluate(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+        raise NotImplementedError("GAN evaluation runs through evaluate_all")
+
+    def summarize(self, totals: dict[str, float], n_images: int) -> dict[str, float]:
+        return totals
+
+    @torch.no_grad()
+    def evaluate_all(self, model: nn.Module, data: ImageData, limit: int = 0) -> dict[str, float]:
+        """The sample-quality distances between fixed-seed samples and the held-out images."""
+        from .quality import sample_quality, train_feature_net
+
+        if self.feature_net is None:
+            self.feature_net = train_feature_net(self.train_data if self.train_data is not None else data)
+        n = min(len(data), limit or self.eval_samples, self.eval_samples)
+        classes = model.config.num_classes
+        labels = data.labels[:n] if classes and data.labels is not None else None
+        generated = self.sample(model, n, 12345, labels)
+        return sample_quality(self.feature_net, generated, data.images[:n], data.levels).to_dict()  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
+        """The generator's images for latents drawn with the runtime's randomness (fixed noise per seed)."""
+        was_training = model.training
+        model.eval()
+        p = next(model.parameters())
+        z = torch.from_numpy(normals(seed, 0, n, model.config.latent_size)).to(p)
+        lab = None if labels is None else torch.from_numpy(labels).to(p.device)
+        out = levels_from_mean(model.generate(z, lab).double().cpu().numpy(), model.config.levels)
+        model.train(was_training)
+        return out
+
+
+def objective_for(model: nn.Module, kl_warmup_steps: int = 0, iw_samples: int = 8, *, gan_k: int = 1,
+                  gan_loss: str = "non-saturating", lr: float = 2e-4,
+                  train_data: ImageData | None = None) -> Objective:
     if isinstance(model, AutoregressiveModel):
         c = model.config
         return AutoregressiveObjective(c.channels * c.height * c.width)
     if isinstance(model, LatentModel):
         return LatentObjective(model, kl_warmup_steps, iw_samples)
+    if isinstance(model, GAN):
+        return GANObjective(model, k=gan_k, loss=gan_loss, lr=lr, train_data=train_data)  # type: ignore[return-value]
     raise TypeError(f"no training objective for {type(model).__name__}")

@@ -161,7 +161,8 @@ def _fit(
         if d is not None:
             check_data_matches(config.to_dict(), d, split_name)
     trainer = Trainer(
-        net, objective_for(net, tcfg.kl_warmup_steps, tcfg.iw_samples), train_data, valid_data, run_dir, tcfg,
+        net, objective_for(net, tcfg.kl_warmup_steps, tcfg.iw_samples, gan_k=tcfg.gan_k, gan_loss=tcfg.gan_loss,
+                           lr=tcfg.lr, train_data=train_data), train_data, valid_data, run_dir, tcfg,
         device=resolve_device(device), progress=progress,
     )
     if resume:

@@ -53,6 +53,8 @@ class TrainConfig:
     n_samples: int = 64  # images in each epoch's sample grid; 0: none
     log_every: int = 10
     dynamic_binarize: bool = False
+    gan_k: int = 1  # GAN: discriminator steps (each on a fresh batch) per generator step
+    gan_loss: str = "non-saturating"  # GAN generator loss: non-saturating | minimax
     kl_warmup_steps: int = 0  # VAE: the KL weight rises linearly from 0 to 1 over these steps
     iw_samples: int = 8  # VAE: importance samples of the held-out NLL estimate each epoch (0: none)
 
@@ -99,9 +101,14 @@ class Trainer:
         self.device = device or torch.device("cpu")
         self.show_progress = progress
         self.model.to(self.device)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # An objective with its own train_step (the GAN's two players) owns its optimizers.
+        self.custom_step = hasattr(objective, "train_step")
+        self.optimizer = None if self.custom_step else torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.batches_per_step = int(getattr(objective, "batches_per_step", 1))
         n = len(train_data)
-        self.steps_per_epoch = max(1, n // config.batch_size)
+        self.batches_per_epoch = max(1, n // config.batch_size)
+        self.steps_per_epoch = max(1, self.batches_per_epoch // self.batches_per_step)
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
         self.step = 0
 
@@ -117,17 +124,18 @@ class Trainer:
         t = min(1.0, (step - c.warmup_steps) / span)
         return c.lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
-    def batch_indices(self, step: int) -> np.ndarray:
-        epoch, within = divmod(step, self.steps_per_epoch)
+    def batch_indices(self, counter: int) -> np.ndarray:
+        """Indices of the ``counter``-th batch of the run (one per step, or k per step for a GAN)."""
+        epoch, within = divmod(counter, self.batches_per_epoch)
         perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_data))
         bs = min(self.cfg.batch_size, len(self.train_data))
         return perm[within * bs : (within + 1) * bs]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        idx = self.batch_indices(step)
+    def batch(self, counter: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = self.batch_indices(counter)
         images = self.train_data.images[idx]  # (B, H, W, C) uint8
         if self.cfg.dynamic_binarize:
-            rng = np.random.default_rng([self.cfg.seed, step, 1])
+            rng = np.random.default_rng([self.cfg.seed, counter, 1])
             images = dynamic_binarize(images, self.train_data.levels, rng)
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).long().to(self.device)
         labels = self.train_data.labels
@@ -148,7 +156,8 @@ class Trainer:
             {
                 "step": self.step,
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+                "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else {},
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
@@ -158,7 +167,10 @@ class Trainer:
         state = ckpt.load_state(self.state_path)
         try:
             ckpt.load_state_checked(self.model, state["model"], self.state_path)
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+            if hasattr(self.objective, "load_state_dict"):
+                self.objective.load_state_dict(state["objective"])
             torch.set_rng_state(state["torch_rng"])
             if state["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -171,6 +183,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: ImageData, limit: int = 0) -> dict[str, float]:
+        if hasattr(self.objective, "evaluate_all"):  # metrics over the whole split (sample quality)
+            return self.objective.evaluate_all(self.model, data, limit)
         self.model.eval()
         n = len(data) if not limit else min(limit, len(data))
         totals: dict[str, float] = {}
@@ -215,23 +229,12 @@ class Trainer:
             while self.step < self.total_steps:
                 step = self.step
                 lr = self.lr_at(step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                x, y = self.batch(step)
-                if hasattr(self.objective, "set_step"):
-                    self.objective.set_step(step)
-                with self.autocast():
-                    loss, batch_metrics = self.objective.loss(self.model, x, y)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"the loss became {float(loss.detach())} at step {step}; the last checkpoint in {self.run_dir} "
-                        "is intact (lower --lr or check the data)"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-                self.optimizer.step()
+                if self.custom_step:
+                    batches = [self.batch(step * self.batches_per_step + i) for i in range(self.batches_per_step)]
+                    batch_metrics = self.objective.train_step(self.model, batches, step, lr)
+                    loss = torch.tensor(batch_metrics.pop("loss"))
+                else:
+                    loss, batch_metrics = self.optimization_step(step, lr)
                 self.step = step + 1
                 record = {"step": self.step, "loss": float(loss.detach()), "lr": lr, **batch_metrics}
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
@@ -243,6 +246,27 @@ class Trainer:
                 if epoch_end or (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0):
                     self.save_checkpoint()
         return last_eval
+
+    def optimization_step(self, step: int, lr: float) -> tuple[torch.Tensor, dict[str, float]]:
+        assert self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.batch(step)
+        if hasattr(self.objective, "set_step"):
+            self.objective.set_step(step)
+        with self.autocast():
+            loss, batch_metrics = self.objective.loss(self.model, x, y)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {float(loss.detach())} at step {step}; the last checkpoint in {self.run_dir} "
+                "is intact (lower --lr or check the data)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        return loss, batch_metrics
 
     def end_epoch(self, metrics_path: Path) -> dict[str, float]:
         epoch = math.ceil(self.step / self.steps_per_epoch)

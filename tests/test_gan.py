@@ -1,0 +1,152 @@
+"""GAN: losses, Algorithm 1's k, fixed-noise grids, NaN/collapse stops, exact resume, the offline sample
+quality metric, export and sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from genforge.cli.main import sample_command
+from genforge.export import export_run
+from genforge.runtime import GANSampler, load
+from genforge.train import DataSpec, TrainConfig, Trainer, TrainingError, load_dataset, load_run, train_run
+from genforge.train import checkpoint as ckpt
+from genforge.train.objectives import GANObjective, generator_loss
+from genforge.train.quality import frechet_distance, kernel_distance, sample_quality, train_feature_net
+
+SMALL = {"latent_size": 8, "hidden": 8}
+
+
+def gan_train(**kw) -> TrainConfig:
+    return TrainConfig(**{"steps": 6, "batch_size": 32, "lr": 2e-4, "n_samples": 4, "log_every": 1,
+                          "checkpoint_every": 2, "eval_limit": 32, **kw})
+
+
+def test_minimax_gradient_vanishes_where_non_saturating_does_not() -> None:
+    logits = torch.tensor([-8.0, -8.0], requires_grad=True)  # D confidently rejects the fakes
+    (g_mm,) = torch.autograd.grad(generator_loss(logits, "minimax"), logits)
+    (g_ns,) = torch.autograd.grad(generator_loss(logits, "non-saturating"), logits)
+    assert g_mm.abs().max() < 1e-3 and g_ns.abs().min() > 0.4
+    with pytest.raises(ValueError, match="unknown generator loss"):
+        generator_loss(logits, "wasserstein")
+
+
+def test_k_discriminator_steps_per_generator_step(tmp_path: Path) -> None:
+    r = train_run(model="gan", model_overrides=SMALL, train=gan_train(steps=4, gan_k=3), out=tmp_path / "g",
+                  progress=False)
+    state = ckpt.load_state(r.run_dir / ckpt.STATE_FILE)["objective"]
+    d_steps = next(iter(state["opt_d"]["state"].values()))["step"]
+    g_steps = next(iter(state["opt_g"]["state"].values()))["step"]
+    assert (float(d_steps), float(g_steps)) == (12.0, 4.0)
+    recs = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [x for x in recs if "d_loss" in x]
+    assert {"d_loss", "g_loss", "d_real", "d_fake"} <= set(train_recs[0])
+    assert any("fd" in x and "kd" in x for x in recs)  # the sample-quality metric each epoch
+
+
+def test_fixed_noise_grid_every_epoch(tmp_path: Path) -> None:
+    r = train_run(model="gan", data=DataSpec(conditional=True), model_overrides=SMALL,
+                  train=gan_train(steps=44, batch_size=64), out=tmp_path / "g", progress=False)
+    assert sorted(p.name for p in (r.run_dir / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+
+
+def test_gan_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = train_run(model="gan", model_overrides=SMALL, train=gan_train(gan_k=2), out=tmp_path / "a",
+                     progress=False)
+    original = Trainer.batch
+
+    def dying(self, counter):  # step 3's batches: after the checkpoint at step 2
+        if counter == 6:
+            raise KeyboardInterrupt
+        return original(self, counter)
+
+    monkeypatch.setattr(Trainer, "batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(model="gan", model_overrides=SMALL, train=gan_train(gan_k=2), out=tmp_path / "b", progress=False)
+    monkeypatch.setattr(Trainer, "batch", original)
+    resumed = train_run(out=tmp_path / "b", resume=True, progress=False)
+
+    def losses(d: Path) -> list:
+        recs = map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+        return [(x["step"], x["d_loss"], x["g_loss"]) for x in recs if "d_loss" in x]
+
+    assert losses(resumed.run_dir) == losses(full.run_dir)
+    a, _ = load_run(full.run_dir)
+    b, _ = load_run(resumed.run_dir)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_nan_and_collapse_stop_with_the_checkpoint_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train_run(model="gan", model_overrides=SMALL, train=gan_train(steps=2), out=tmp_path / "g", progress=False)
+    state = (tmp_path / "g" / ckpt.STATE_FILE).read_bytes()
+    from genforge.models import GAN
+
+    real_generate = GAN.generate
+    monkeypatch.setattr(GAN, "generate", lambda self, z, labels=None: real_generate(self, z, labels) * float("nan"))
+    with pytest.raises(TrainingError, match="non-finite at step 2"):
+        train_run(out=tmp_path / "g", resume=True, extend={"steps": 4}, progress=False)
+    assert (tmp_path / "g" / ckpt.STATE_FILE).read_bytes() == state
+    monkeypatch.setattr(GAN, "generate", lambda self, z, labels=None: real_generate(self, z, labels) * 0.0)
+    with pytest.raises(TrainingError, match="mode collapse"):
+        train_run(out=tmp_path / "g", resume=True, extend={"steps": 80}, progress=False)
+
+
+def test_distances_on_known_features() -> None:
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(4000, 3))
+    shift = np.array([1.0, -2.0, 0.5])
+    assert abs(frechet_distance(f, f)) < 1e-6
+    assert frechet_distance(f, f + shift) == pytest.approx(float((shift**2).sum()), rel=1e-6)
+    g = rng.normal(size=(4000, 3)) * 2.0  # covariance 4I vs I: trace term 3 * (1 + 4 - 2 * 2) = 3
+    assert frechet_distance(f, g) == pytest.approx(3.0, abs=0.3)
+    assert abs(kernel_distance(f, rng.normal(size=(4000, 3)))) < 0.05 < kernel_distance(f, f + shift)
+
+
+def test_quality_metric_separates_real_from_a_half_trained_generator(tmp_path: Path) -> None:
+    train = load_dataset("digits", split="train")
+    valid, test = load_dataset("digits", split="valid"), load_dataset("digits", split="test")
+    net = train_feature_net(train, epochs=3)
+    r = train_run(model="gan", train=gan_train(steps=60, n_samples=0, eval_limit=8), out=tmp_path / "g",
+                  progress=False)
+    model, _ = load_run(r.run_dir)
+    generated = GANObjective(model).sample(model, 180, 0, None)
+    real = sample_quality(net, test.images, valid.images, 17)
+    fake = sample_quality(net, generated, valid.images, 17)
+    assert fake.fd > 3 * real.fd and fake.kd > 3 * max(real.kd, 0.01)
+    # Unlabelled data: the feature network trains on rotations instead, and still separates them.
+    unlabelled = load_dataset("digits", split="train")
+    unlabelled.labels = None
+    net2 = train_feature_net(unlabelled, epochs=3)
+    real2 = sample_quality(net2, test.images, valid.images, 17)
+    assert sample_quality(net2, generated, valid.images, 17).fd > 3 * real2.fd
+
+
+def test_export_and_sampling(tmp_path: Path) -> None:
+    for cond in (False, True):
+        run = train_run(model="gan", data=DataSpec(conditional=cond), model_overrides=SMALL,
+                        train=gan_train(steps=4), out=tmp_path / f"g{cond}", progress=False).run_dir
+        bundle = export_run(run, tmp_path / f"b{cond}", formats=("onnx", "torchscript"))
+        model, _ = load_run(run)
+        g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+        z = torch.randn(5, 8, generator=g)
+        labels = torch.randint(0, 10, (5,), generator=g) if cond else None
+        with torch.no_grad():
+            eager = model.generate(z, labels).numpy()
+        feed = {"z": z.numpy(), **({"labels": labels.numpy()} if cond else {})}
+        for backend in ("onnx", "torchscript"):
+            s = load(bundle, backend=backend)
+            assert isinstance(s, GANSampler)
+            np.testing.assert_allclose(s.backend.run("generate", feed)[0], eager, atol=1e-4, rtol=0)
+        a = load(bundle, backend="onnx").sample(6, seed=2, batch_size=4)
+        np.testing.assert_array_equal(a, load(bundle, backend="torchscript").sample(6, seed=2, batch_size=6))
+        assert a.shape == (6, 8, 8, 1) and a.max() <= 16
+    res = CliRunner().invoke(sample_command, [str(bundle), "-n", "4", "--labels", "3", "--quiet",
+                                              "-o", str(tmp_path / "s.png")])
+    assert res.exit_code == 0, res.output
