@@ -7,6 +7,7 @@ from .heads import LIKELIHOODS, make_head, nll_from_log_probs
 from .latent import VAE, Autoencoder, AutoencoderConfig, LatentModel, VAEConfig
 from .layers import MaskedConv2d, causal_mask, gate
 from .pixelcnn import PixelCNN, PixelCNNConfig
+from .pixelrnn import DiagonalBiLSTM, PixelRNNConfig, RowLSTM
 from .registry import MODELS, ModelSpec, build_model, get_spec, make_config
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "AutoregressiveConfig",
     "AutoregressiveModel",
     "ConfigError",
+    "DiagonalBiLSTM",
     "GANConfig",
     "GatedPixelCNN",
     "GatedPixelCNNConfig",
@@ -28,6 +30,8 @@ __all__ = [
     "ModelSpec",
     "PixelCNN",
     "PixelCNNConfig",
+    "PixelRNNConfig",
+    "RowLSTM",
     "VAEConfig",
     "build_model",
     "causal_mask",

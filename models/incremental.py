@@ -277,7 +277,12 @@ def incremental(model: nn.Module) -> IncrementalModel:
     """The cached form of ``model``, sharing its weights."""
     from .gated_pixelcnn import GatedPixelCNN
     from .pixelcnn import PixelCNN
+    from .pixelrnn import DiagonalBiLSTM, IncrementalDiagonalBiLSTM, IncrementalRowLSTM, RowLSTM
 
+    if isinstance(model, RowLSTM):
+        return IncrementalRowLSTM(model)
+    if isinstance(model, DiagonalBiLSTM):
+        return IncrementalDiagonalBiLSTM(model)
     if isinstance(model, GatedPixelCNN):
         return IncrementalGatedPixelCNN(model)
     if isinstance(model, PixelCNN):

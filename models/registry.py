@@ -16,6 +16,7 @@ from .gan import GAN, GANConfig
 from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from .latent import VAE, Autoencoder, AutoencoderConfig, VAEConfig
 from .pixelcnn import PixelCNN, PixelCNNConfig
+from .pixelrnn import DiagonalBiLSTM, PixelRNNConfig, RowLSTM
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ MODELS: dict[str, ModelSpec] = {
                   "PixelCNN with residual blocks (van den Oord et al. 2016a)"),
         ModelSpec("gated-pixelcnn", GatedPixelCNNConfig, GatedPixelCNN, "autoregressive",
                   "Gated PixelCNN without the blind spot (van den Oord et al. 2016b)"),
+        ModelSpec("row-lstm", PixelRNNConfig, RowLSTM, "autoregressive",
+                  "PixelRNN Row LSTM (van den Oord et al. 2016a)"),
+        ModelSpec("diagonal-bilstm", PixelRNNConfig, DiagonalBiLSTM, "autoregressive",
+                  "PixelRNN Diagonal BiLSTM (van den Oord et al. 2016a)"),
         ModelSpec("autoencoder", AutoencoderConfig, Autoencoder, "latent",
                   "Convolutional autoencoder with the L2 reconstruction loss"),
         ModelSpec("vae", VAEConfig, VAE, "latent", "Variational autoencoder (Kingma & Welling 2014)"),
