@@ -222,3 +222,40 @@ def _interpolation_images(source: str, data_path: str | None, count: int, levels
     if len(images) < count:
         raise InputError(f"--interpolate needs {count} images, {source} has {len(images)}")
     return images[:count]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("path", type=click.Path())
+@click.option("--data", type=click.Choice(DATASET_CHOICES), default="digits", show_default=True)
+@click.option("--data-path", type=click.Path(), default=None)
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--iw-samples", type=click.IntRange(min=0), default=0, show_default=True,
+              help="VAE: importance samples for the NLL estimate (0: ELBO only).")
+@click.option("--quality/--no-quality", default=False, show_default=True,
+              help="Also the sample-quality distances (fd, kd) against the split.")
+@click.option("--quality-samples", type=click.IntRange(min=2), default=500, show_default=True)
+@click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True, help="Score the first N images.")
+@click.option("--levels", type=click.IntRange(2, 256), default=None, help="Quantize the data (default: the model's).")
+@click.option("--image-size", type=int, default=32, show_default=True, help="For --data folder.")
+@click.option("--channels", type=click.Choice(["1", "3"]), default="3", show_default=True, help="For --data folder.")
+@click.option("--backend", type=click.Choice(["auto", "onnx", "torchscript", "triton"]), default="auto",
+              show_default=True, help="For bundles.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+@one_line_errors
+def eval_command(path: str, data: str, data_path: str | None, split: str, batch_size: int, iw_samples: int,
+                 quality: bool, quality_samples: int, limit: int, levels: int | None, image_size: int, channels: str,
+                 backend: str, seed: int, quiet: bool) -> None:
+    """Evaluate a run directory or a bundle on a data split; prints one JSON object."""
+    import json
+
+    from genforge.train import DataSpec
+    from genforge.train.evaluate import evaluate_path
+
+    spec = DataSpec(name=data, path=data_path, split=split, levels=levels, image_size=image_size,
+                    channels=int(channels))
+    result = evaluate_path(path, spec, batch_size=batch_size, iw_samples=iw_samples, quality=quality,
+                           quality_samples=quality_samples, limit=limit, seed=seed, backend=backend,
+                           progress=not quiet)
+    click.echo(json.dumps(result, sort_keys=True))

@@ -164,6 +164,13 @@ class Trainer:
         )
 
     def resume(self) -> None:
+        # A kill during an atomic write leaves its temp file behind: never read, safe to remove.
+        for stale in self.run_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        if not self.state_path.exists():
+            # Killed before the first checkpoint: the run starts again from step 0, which is where it was.
+            ckpt.truncate_metrics(self.run_dir / ckpt.METRICS_FILE, lambda r: False)
+            return
         state = ckpt.load_state(self.state_path)
         try:
             ckpt.load_state_checked(self.model, state["model"], self.state_path)

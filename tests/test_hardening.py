@@ -1,0 +1,196 @@
+"""Faults and bad input: SIGKILLed training resumes to the uninterrupted result, file readers fail cleanly on
+arbitrary bytes, gen-eval agrees between a run and its bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from genforge.cli.main import eval_command
+from genforge.export import export_run
+from genforge.runtime import BundleError, read_bundle
+from genforge.train import CheckpointError, DataError, DataSpec, TrainConfig, train_run
+from genforge.train import checkpoint as ckpt
+from genforge.train.data import read_amat, read_cifar_batch, read_idx, read_image
+
+TRAIN = [sys.executable, "-m", "genforge.cli", "train"]
+ARGS = ["--set", "hidden=8", "--set", "layers=1", "--set", "output_hidden=8", "--steps", "40", "--batch-size", "16",
+        "--checkpoint-every", "3", "--samples", "0", "--eval-limit", "8", "--quiet"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    subprocess.run([*TRAIN, *ARGS, "--out", str(full)], check=True, env=_env(), timeout=300)
+    cut = tmp_path / "cut"
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    kills = 0
+    for _ in range(4):
+        resume = ["--resume"] if (cut / "config.json").exists() else []
+        proc = subprocess.Popen([*TRAIN, *ARGS, "--out", str(cut), *resume], env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.5, 5.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        # Whatever the moment, every checkpoint file present is whole.
+        if (cut / ckpt.STATE_FILE).exists():
+            ckpt.load_state(cut / ckpt.STATE_FILE)
+        if (cut / ckpt.WEIGHTS_FILE).exists():
+            ckpt.load_run(cut)
+    assert kills >= 1
+    resume = ["--resume"] if (cut / "config.json").exists() else []
+    subprocess.run([*TRAIN, *ARGS, "--out", str(cut), *resume], check=True, env=_env(), timeout=300)
+    # Tensor by tensor (safetensors writes its metadata map in no fixed order, so the bytes can differ).
+    from safetensors.numpy import load_file
+
+    a, b = load_file(str(full / ckpt.WEIGHTS_FILE)), load_file(str(cut / ckpt.WEIGHTS_FILE))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(x)["step"] for x in (full / "metrics.jsonl").read_text().splitlines()]
+
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300), gz=st.booleans(), header=st.booleans())
+def test_idx_reader_fails_cleanly(tmp_path: Path, raw: bytes, gz: bool, header: bool) -> None:
+    import gzip
+
+    data = (b"\x00\x00\x08\x03" + raw) if header else raw
+    f = tmp_path / "x-idx3-ubyte"
+    f.write_bytes(gzip.compress(data) if gz else data)
+    try:
+        read_idx(f)
+    except DataError:
+        pass
+
+
+@FUZZ
+@given(text=st.text(alphabet="01 \n\t.x", max_size=2000))
+def test_amat_reader_fails_cleanly(tmp_path: Path, text: str) -> None:
+    f = tmp_path / "b.amat"
+    f.write_text(text)
+    try:
+        assert read_amat(f).shape[1:] == (28, 28)
+    except DataError:
+        pass
+
+
+@FUZZ
+@given(raw=st.binary(max_size=400), prefix=st.sampled_from([b"", b"\x80\x02}q\x00(", b"\x80\x04\x95"]))
+def test_cifar_reader_fails_cleanly(tmp_path: Path, raw: bytes, prefix: bytes) -> None:
+    f = tmp_path / "data_batch_1"
+    f.write_bytes(prefix + raw)
+    try:
+        read_cifar_batch(f)
+    except DataError:
+        pass
+
+
+@FUZZ
+@given(raw=st.binary(max_size=400), prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"]))
+def test_image_reader_fails_cleanly(tmp_path: Path, raw: bytes, prefix: bytes) -> None:
+    f = tmp_path / "i.png"
+    f.write_bytes(prefix + raw)
+    try:
+        read_image(f, 8, 1)
+    except DataError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("hard")
+    run = train_run(model_overrides={"hidden": 6, "layers": 1, "output_hidden": 6}, data=DataSpec(levels=4),
+                    train=TrainConfig(steps=6, n_samples=0, eval_limit=8), out=root / "run", progress=False).run_dir
+    return run, export_run(run, root / "bundle", formats=("onnx",))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_manifest_and_checkpoint_readers_fail_cleanly(small_run, data: st.DataObject) -> None:
+    run, bundle = small_run
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        b = Path(shutil.copytree(bundle, tmp / "b"))
+        r = Path(shutil.copytree(run, tmp / "r"))
+        target = data.draw(st.sampled_from([b / "manifest.json", r / ckpt.STATE_FILE, r / ckpt.WEIGHTS_FILE,
+                                            r / ckpt.CONFIG_FILE]))
+        original = target.read_bytes()
+        mode = data.draw(st.sampled_from(["random", "truncate", "flip"]))
+        if mode == "random":
+            target.write_bytes(data.draw(st.binary(max_size=500)))
+        elif mode == "truncate":
+            target.write_bytes(original[: data.draw(st.integers(0, max(0, len(original) - 1)))])
+        else:
+            pos = data.draw(st.integers(0, len(original) - 1))
+            target.write_bytes(original[:pos] + bytes([original[pos] ^ 0xFF]) + original[pos + 1 :])
+        try:
+            read_bundle(b)
+            ckpt.load_state(r / ckpt.STATE_FILE)
+            ckpt.load_run(r)
+        except (BundleError, CheckpointError):
+            pass
+
+
+def test_gen_eval_agrees_between_run_and_bundle(small_run) -> None:
+    run, bundle = small_run
+    outs = []
+    for path in (run, bundle):
+        res = CliRunner().invoke(eval_command, [str(path), "--split", "valid", "--quiet", "--levels", "4"])
+        assert res.exit_code == 0, res.output
+        outs.append(json.loads(res.output))
+    assert outs[0]["kind"] == "run" and outs[1]["kind"] == "bundle"
+    assert outs[0]["nats_per_image"] == pytest.approx(outs[1]["nats_per_image"], rel=1e-6)
+    assert outs[0]["bits_per_dim"] == pytest.approx(outs[1]["bits_per_dim"], rel=1e-6)
+
+
+def test_gen_eval_vae_and_gan_agree_between_run_and_bundle(tmp_path: Path) -> None:
+    for model in ("vae", "gan"):
+        run = train_run(model=model, model_overrides={"latent_size": 4, "hidden": 8},
+                        train=TrainConfig(steps=8, batch_size=32, lr=1e-3, n_samples=0, eval_limit=8),
+                        out=tmp_path / model, progress=False).run_dir
+        bundle = export_run(run, tmp_path / f"{model}-b")
+        extra = ["--iw-samples", "3"] if model == "vae" else ["--quality", "--quality-samples", "40"]
+        outs = []
+        for path in (run, bundle):
+            res = CliRunner().invoke(eval_command, [str(path), "--split", "valid", "--limit", "40", "--quiet", *extra])
+            assert res.exit_code == 0, res.output
+            outs.append(json.loads(res.output))
+        keys = ["neg_elbo", "iwae_nll", "kl_nats"] if model == "vae" else ["fd", "kd"]
+        for k in keys:
+            assert outs[0][k] == pytest.approx(outs[1][k], rel=1e-5), k
+        if model == "vae":
+            assert outs[0]["iwae_nll"] <= outs[0]["neg_elbo"] + 1.0
+
+
+def test_gen_eval_errors(small_run, tmp_path: Path) -> None:
+    r = CliRunner()
+    res = r.invoke(eval_command, [str(tmp_path), "--quiet"])
+    assert res.exit_code == 1 and "neither a run directory" in res.output
+    np.savez(tmp_path / "b.npz", test=np.zeros((4, 28, 28), np.uint8))
+    run, _ = small_run
+    res = r.invoke(eval_command, [str(run), "--data", "binarized-mnist", "--data-path", str(tmp_path / "b.npz"),
+                                  "--quiet"])
+    assert res.exit_code == 1 and "cannot quantize data with 2 levels" in res.output

@@ -1,0 +1,230 @@
+"""``gen-eval``: score a run directory or a bundle on a data split, one JSON object out.
+
+- Autoregressive models: the exact NLL, ``nats_per_image`` and ``bits_per_dim``.
+- VAE: ``neg_elbo`` (its two terms) and the k-sample importance-weighted NLL estimate ``iwae_nll``.
+- Autoencoder: ``l2_per_image``.
+- Any model that samples: ``fd`` and ``kd``, the offline sample-quality distances (train/quality.py).
+
+A run and the bundle exported from it give the same numbers: both go through the same numpy code below,
+fed by the eager model or by the runtime, and the VAE's importance samples for image i come from
+(seed, i) alone, as the runtime's randomness does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from genforge.runtime.bundle import MANIFEST
+from genforge.runtime.progress import Progress, chunks
+from genforge.runtime.randomness import normals
+
+from .checkpoint import CONFIG_FILE, load_run
+from .data import ImageData
+from .objectives import objective_for
+from .quality import sample_quality, train_feature_net
+from .run import DataSpec, UsageError, check_data_matches
+
+
+@dataclass
+class Scorer:
+    """What evaluation needs from a model, as numpy functions (eager or exported)."""
+
+    family: str
+    config: dict[str, Any]
+    log_probs: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None  # x (B,C,H,W) -> (B,C,H,W,K)
+    encode: Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]] | None = None
+    decode: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None  # z -> log-probs or x_mean
+    sample: Callable[[int, int, np.ndarray | None], np.ndarray] | None = None  # (n, seed, labels) -> images
+    is_vae: bool = False
+
+
+def _eager_scorer(run_dir: Path) -> Scorer:
+    model, _ = load_run(run_dir)  # float32, as the bundle computes
+    cfg = model.config.to_dict()
+    family = type(model).family
+
+    def t(a: np.ndarray | None) -> torch.Tensor | None:
+        if a is None:
+            return None
+        a = np.asarray(a)
+        return torch.from_numpy(a.astype(np.float32) if a.dtype.kind == "f" else a)
+
+    objective = objective_for(model)
+    sample = None
+    if hasattr(objective, "sample"):
+        def sample(n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
+            return objective.sample(model, n, seed, labels)
+
+    if family == "autoregressive":
+        def log_probs(x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+            with torch.no_grad():
+                return model(t(x), t(y)).numpy()
+
+        return Scorer(family, cfg, log_probs=log_probs, sample=sample)
+    if family == "latent":
+        vae = hasattr(model, "elbo_terms")
+
+        def encode(x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            with torch.no_grad():
+                out = model.encode(t(x), t(y))
+            if isinstance(out, tuple):
+                return out[0].numpy(), out[1].numpy()
+            return out.numpy(), np.zeros_like(out.numpy())
+
+        def decode(z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+            with torch.no_grad():
+                return model.decode(t(z), t(y)).numpy()
+
+        return Scorer(family, cfg, encode=encode, decode=decode, sample=sample, is_vae=vae)
+    return Scorer(family, cfg, sample=sample)
+
+
+def _bundle_scorer(path: Path, backend: str) -> Scorer:
+    from genforge.runtime import AutoregressiveSampler, LatentSampler, load
+
+    s = load(path, backend=backend)
+    cfg = dict(s.bundle.manifest["model_config"])
+    family = s.bundle.family
+
+    def sample(n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
+        return s.sample(n, seed=seed, labels=labels)  # type: ignore[attr-defined]
+
+    if isinstance(s, AutoregressiveSampler):
+        return Scorer(family, cfg, log_probs=lambda x, y: s.forward(x.astype(np.float32), y), sample=sample)
+    if isinstance(s, LatentSampler):
+        def encode(x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            return s.encode(x.transpose(0, 2, 3, 1).astype(np.uint8), labels=y)
+
+        def decode(z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+            feed = {"z": z.astype(np.float32), **({"labels": y} if y is not None else {})}
+            return s.backend.run("decode", feed)[0]
+
+        return Scorer(family, cfg, encode=encode, decode=decode, sample=sample, is_vae=s.is_vae)
+    return Scorer(family, cfg, sample=sample)
+
+
+def _picked(log_probs: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """sum over sub-pixels of log p(x): (B,)."""
+    lp = np.take_along_axis(log_probs.astype(np.float64), x[..., None].astype(np.int64), axis=-1)[..., 0]
+    return lp.reshape(len(x), -1).sum(1)
+
+
+def score_likelihoods(scorer: Scorer, data: ImageData, *, batch_size: int = 64, iw_samples: int = 0,
+                      seed: int = 0, progress: bool = False) -> dict[str, float]:
+    c = scorer.config
+    dims = c["channels"] * c["height"] * c["width"]
+    labels_needed = bool(c.get("num_classes"))
+    totals: dict[str, float] = {}
+    n = len(data)
+    with Progress(n, "eval", enabled=progress) as bar:
+        for a, b in chunks(n, batch_size):
+            x = np.ascontiguousarray(data.images[a:b].transpose(0, 3, 1, 2))  # (B, C, H, W) levels
+            y = data.labels[a:b] if labels_needed and data.labels is not None else None
+            if scorer.family == "autoregressive" and scorer.log_probs is not None:
+                _add(totals, "nll", -_picked(scorer.log_probs(x, y), x).sum())
+            elif scorer.family == "latent" and scorer.encode is not None and scorer.decode is not None:
+                mean, logvar = scorer.encode(x, y)
+                mean, logvar = mean.astype(np.float64), logvar.astype(np.float64)
+                if not scorer.is_vae:
+                    rec = scorer.decode(mean, y).astype(np.float64)
+                    target = x * (2.0 / (c["levels"] - 1)) - 1.0
+                    _add(totals, "l2", ((rec - target) ** 2).reshape(len(x), -1).sum())
+                else:
+                    _vae_terms(scorer, x, y, mean, logvar, a, seed, iw_samples, totals)
+            bar.update(b - a)
+    if "nll" in totals:
+        nats = totals["nll"] / n
+        return {"nats_per_image": nats, "bits_per_dim": nats / (dims * math.log(2.0))}
+    if "l2" in totals:
+        return {"l2_per_image": totals["l2"] / n}
+    if "rec" in totals:
+        out = {"neg_elbo": (totals["rec"] + totals["kl"]) / n, "reconstruction_nats": totals["rec"] / n,
+               "kl_nats": totals["kl"] / n}
+        if "iwae" in totals:
+            out["iwae_nll"] = totals["iwae"] / n
+            out["iw_samples"] = float(iw_samples)
+        return out
+    return {}
+
+
+def _add(totals: dict[str, float], key: str, value: float) -> None:
+    totals[key] = totals.get(key, 0.0) + float(value)
+
+
+def _vae_terms(scorer: Scorer, x: np.ndarray, y: np.ndarray | None, mean: np.ndarray, logvar: np.ndarray,
+               first: int, seed: int, k: int, totals: dict[str, float]) -> None:
+    assert scorer.decode is not None
+    std = np.exp(0.5 * logvar)
+    zdim = mean.shape[1]
+    # One row of noise per image and sample, from (seed, image index): the same numbers for run and bundle.
+    eps_all = normals(seed, first, first + len(x), zdim * (max(k, 1) + 1)).reshape(len(x), max(k, 1) + 1, zdim)
+    z = mean + std * eps_all[:, 0]
+    rec = _picked(scorer.decode(z, y), x)
+    kl = 0.5 * (mean**2 + np.exp(logvar) - 1.0 - logvar).sum(1)
+    _add(totals, "rec", -rec.sum())
+    _add(totals, "kl", kl.sum())
+    if k:
+        log_w = []
+        for s in range(k):
+            eps = eps_all[:, s + 1]
+            zs = mean + std * eps
+            log_q = (-0.5 * eps**2 - 0.5 * logvar - 0.5 * math.log(2 * math.pi)).sum(1)
+            log_p = (-0.5 * zs**2 - 0.5 * math.log(2 * math.pi)).sum(1)
+            log_w.append(_picked(scorer.decode(zs, y), x) + log_p - log_q)
+        lw = np.stack(log_w)  # (k, B)
+        m = lw.max(0)
+        _add(totals, "iwae", -(m + np.log(np.exp(lw - m).mean(0))).sum())
+
+
+def evaluate_path(
+    path: str | Path,
+    data: DataSpec,
+    *,
+    batch_size: int = 64,
+    iw_samples: int = 0,
+    quality: bool = False,
+    quality_samples: int = 500,
+    limit: int = 0,
+    seed: int = 0,
+    backend: str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a run directory or a bundle on ``data.split``."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        scorer, kind = _bundle_scorer(p, backend), "bundle"
+    elif (p / CONFIG_FILE).is_file():
+        scorer, kind = _eager_scorer(p), "run"
+    else:
+        raise UsageError(f"{p}: neither a run directory (config.json) nor a bundle (manifest.json)")
+    levels = int(scorer.config["levels"])
+    split = data.load(data.split, seed)
+    if data.levels is None and split.levels != levels:
+        split = DataSpec(**{**vars(data), "levels": levels}).load(data.split, seed)
+    check_data_matches(scorer.config, split, data.split)
+    if limit:
+        split = split.subset(np.arange(min(limit, len(split))))
+    out: dict[str, Any] = {"path": str(p), "kind": kind, "family": scorer.family, "data": data.name,
+                           "split": data.split, "images": len(split)}
+    out.update(score_likelihoods(scorer, split, batch_size=batch_size, iw_samples=iw_samples, seed=seed,
+                                 progress=progress))
+    if quality:
+        if scorer.sample is None:
+            raise UsageError("this model does not sample: no sample-quality metric")
+        train = data.load("train", seed)
+        if train.levels != levels:
+            train = DataSpec(**{**vars(data), "levels": levels}).load("train", seed)
+        n = min(quality_samples, len(split))
+        labels = split.labels[:n] if scorer.config.get("num_classes") and split.labels is not None else None
+        generated = scorer.sample(n, seed, labels)
+        report = sample_quality(train_feature_net(train, seed=seed), generated, split.images[:n], levels)
+        out.update({**report.to_dict(), "quality_samples": n,
+                    "quality_note": "features of a small classifier trained here; not comparable to Inception FID"})
+    return out
