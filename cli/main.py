@@ -53,12 +53,17 @@ def _model_choices() -> list[str]:
               help="Clip the gradient norm to this (0: off).")
 @click.option("--eval-limit", type=click.IntRange(min=0), default=0, show_default=True,
               help="Score at most this many held-out images per epoch (0: all).")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Append a metrics line every N steps.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also checkpoint every N steps (0: at the end of each epoch only).")
 @click.option("--gan-k", type=click.IntRange(min=1), default=1, show_default=True,
               help="GAN: discriminator steps per generator step (Algorithm 1's k).")
 @click.option("--gan-loss", type=click.Choice(["non-saturating", "minimax"]), default="non-saturating",
               show_default=True, help="GAN generator loss: maximize log D(G(z)), or minimize log(1 - D(G(z))).")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Keep an exponential moving average of the weights with this decay (e.g. 0.999); evaluation "
+              "and sample grids use it, and gen-export --ema exports it.")
 @click.option("--kl-warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="VAE: raise the KL weight linearly from 0 to 1 over this many steps.")
 @click.option("--iw-samples", type=click.IntRange(min=0), default=8, show_default=True,
@@ -88,9 +93,10 @@ def train_command(**o: object) -> None:
         weight_decay=float(o["weight_decay"]),
         schedule=str(o["schedule"]), warmup_steps=int(o["warmup_steps"]), grad_clip=float(o["grad_clip"]),
         seed=int(o["seed"]), eval_limit=int(o["eval_limit"]), checkpoint_every=int(o["checkpoint_every"]),
+        log_every=int(o["log_every"]),
         n_samples=int(o["n_samples"]), dynamic_binarize=bool(o["dynamic_binarize"]),
         kl_warmup_steps=int(o["kl_warmup_steps"]), iw_samples=int(o["iw_samples"]),
-        gan_k=int(o["gan_k"]), gan_loss=str(o["gan_loss"]),
+        gan_k=int(o["gan_k"]), gan_loss=str(o["gan_loss"]), ema=float(o["ema"]),
     )
     data = DataSpec(
         name=str(o["data"]), path=o["data_path"], split=str(o["split"]),  # type: ignore[arg-type]
@@ -117,15 +123,16 @@ def train_command(**o: object) -> None:
 @click.option("--opset", type=click.IntRange(13, 23), default=17, show_default=True, help="ONNX opset.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest |eager - exported| allowed on fresh random inputs.")
+@click.option("--ema", is_flag=True, help="Export the moving-average weights (a run trained with --ema).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
 @one_line_errors
-def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int, tolerance: float,
+def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int, tolerance: float, ema: bool,
                    overwrite: bool) -> None:
     """Export the model of RUN_DIR to a verified bundle (manifest.json + graphs)."""
     from genforge.export import export_run
 
     chosen = ("onnx", "torchscript") if "all" in formats else tuple(dict.fromkeys(formats))
-    path = export_run(run_dir, out, formats=chosen, opset=opset, tolerance=tolerance, overwrite=overwrite)
+    path = export_run(run_dir, out, formats=chosen, opset=opset, tolerance=tolerance, overwrite=overwrite, ema=ema)
     click.echo(f"bundle: {path} ({', '.join(chosen)})")
 
 
@@ -203,7 +210,9 @@ def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str
             raise click.UsageError("--complete needs an autoregressive bundle")
         images = sampler.complete(prefix, int(rows or 0), **kw)  # type: ignore[arg-type]
     else:
-        images = sampler.sample(n, **kw)  # type: ignore[arg-type]
+        images = _sample_maybe_distributed(sampler, n, kw)
+        if images is None:  # a rank other than 0 under torchrun: rank 0 writes the gathered result
+            return
     save_images(out, images, levels=sampler.levels, overwrite=overwrite, nrow=nrow)
     click.echo(f"wrote {len(images)} images ({sampler.backend.name}, {sampler.backend.device}) to {out}")
 
@@ -259,3 +268,27 @@ def eval_command(path: str, data: str, data_path: str | None, split: str, batch_
                            quality_samples=quality_samples, limit=limit, seed=seed, backend=backend,
                            progress=not quiet)
     click.echo(json.dumps(result, sort_keys=True))
+
+
+def _sample_maybe_distributed(sampler: object, n: int, kw: dict[str, object]) -> object:
+    """Under torchrun each rank draws its contiguous share of image indices and rank 0 gathers them: image
+    i's randomness comes from (seed, i), so the result equals a single process's."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return sampler.sample(n, **kw)  # type: ignore[attr-defined]
+    import numpy as np
+    import torch.distributed as dist
+
+    from genforge.train.distributed import from_env, gather_to_main, shard
+
+    info = from_env()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    start, stop = shard(n, info)
+    labels = kw.get("labels")
+    part_kw = {**kw, "labels": None if labels is None else list(labels)[start:stop], "start": start}  # type: ignore[call-overload]
+    part = sampler.sample(stop - start, **part_kw)  # type: ignore[attr-defined]
+    parts = gather_to_main(part, info)
+    dist.destroy_process_group()
+    return None if parts is None else np.concatenate(parts)  # type: ignore[arg-type]

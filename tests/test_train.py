@@ -148,3 +148,29 @@ def test_conditional_training_and_samples(tmp_path: Path) -> None:
                   progress=False)
     model, _ = load_run(r.run_dir)
     assert model.config.num_classes == 10 and r.samples is not None
+
+
+def test_ema_weights_are_kept_evaluated_and_exported(tmp_path: Path) -> None:
+    from genforge.export import export_run
+    from genforge.runtime import load
+
+    # A constant schedule, so that a 4-step run extended to 10 continues exactly the 10-step run.
+    r = train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=10, ema=0.9, schedule="constant"),
+                  out=tmp_path / "r", progress=False)
+    live, _ = load_run(r.run_dir)
+    ema, _ = load_run(r.run_dir, ema=True)
+    assert any(not torch.equal(a, b) for a, b in zip(live.state_dict().values(), ema.state_dict().values(),
+                                                      strict=True))
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 17, (3, 1, 8, 8)))
+    bundle = export_run(r.run_dir, tmp_path / "b", ema=True)
+    with torch.no_grad():
+        expected = ema(x).numpy()
+    got = load(bundle).forward(x.numpy().astype(np.float32), None)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    # Resuming restores the average too: the final EMA equals an uninterrupted run's.
+    train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=4, ema=0.9, schedule="constant"),
+              out=tmp_path / "s", progress=False)
+    s = train_run(out=tmp_path / "s", resume=True, extend={"steps": 10}, progress=False)
+    resumed, _ = load_run(s.run_dir, ema=True)
+    for (k, a), b in zip(ema.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k

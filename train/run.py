@@ -16,6 +16,7 @@ from genforge.runtime.files import atomic_write_json
 
 from . import checkpoint as ckpt
 from .data import DataError, ImageData, load_dataset
+from .distributed import from_env, init
 from .objectives import objective_for
 from .trainer import TrainConfig, Trainer, TrainingError, resolve_device
 
@@ -130,10 +131,14 @@ def _start(
     train_data = data.load(data.split, tcfg.seed)
     model_cfg = {**default_model_config(model_name, train_data, data.conditional), **overrides}
     model_cfg = get_spec(model_name).config_cls.from_dict(model_cfg).to_dict()
+    info = from_env()
+    if info.enabled and out is None:
+        raise UsageError("distributed runs need --out (every process must name the same run directory)")
     run_dir = Path(out) if out is not None else next_run_dir(Path("runs"), f"{model_name}-{data.name}")
-    prepare_out_dir(run_dir, overwrite=overwrite)
     run = ckpt.RunConfig(model_name, model_cfg, vars(data), tcfg.to_dict())
-    atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
+    if info.is_main:  # the other ranks only read the run directory
+        prepare_out_dir(run_dir, overwrite=overwrite)
+        atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
     return _fit(run, run_dir, train_data, device, progress, resume=False)
 
 
@@ -154,6 +159,12 @@ def _fit(
 ) -> RunResult:
     tcfg = TrainConfig(**run.train)
     data = DataSpec(**run.data)
+    dev = resolve_device(device)
+    info = from_env()
+    if info.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(dev)
+    info = init(dev)
     torch.manual_seed(tcfg.seed)
     net, config = ckpt.model_from_config(run, run_dir / ckpt.CONFIG_FILE)
     valid_data = data.load(data.eval_split, tcfg.seed) if data.eval_split else None
@@ -163,7 +174,7 @@ def _fit(
     trainer = Trainer(
         net, objective_for(net, tcfg.kl_warmup_steps, tcfg.iw_samples, gan_k=tcfg.gan_k, gan_loss=tcfg.gan_loss,
                            lr=tcfg.lr, train_data=train_data), train_data, valid_data, run_dir, tcfg,
-        device=resolve_device(device), progress=progress,
+        device=dev, progress=progress, dist_info=info,
     )
     if resume:
         trainer.resume()

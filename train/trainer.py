@@ -26,9 +26,22 @@ from genforge.runtime.progress import Progress, chunks
 
 from . import checkpoint as ckpt
 from .data import ImageData, dynamic_binarize
+from .distributed import DistInfo, barrier
 from .objectives import Objective
 
 SCHEDULES = ("cosine", "constant")
+
+
+class _LossModule(nn.Module):
+    """The objective's loss as a module's forward, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.objective.loss(self.model, x, labels)
 
 
 class TrainingError(RuntimeError):
@@ -55,12 +68,15 @@ class TrainConfig:
     dynamic_binarize: bool = False
     gan_k: int = 1  # GAN: discriminator steps (each on a fresh batch) per generator step
     gan_loss: str = "non-saturating"  # GAN generator loss: non-saturating | minimax
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); used to evaluate
     kl_warmup_steps: int = 0  # VAE: the KL weight rises linearly from 0 to 1 over these steps
     iw_samples: int = 8  # VAE: importance samples of the held-out NLL estimate each epoch (0: none)
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if self.batch_size < 1 or self.epochs < 1 or self.steps < 0 or self.lr <= 0:
             raise ValueError("need batch_size >= 1, epochs >= 1, steps >= 0 and lr > 0")
 
@@ -90,8 +106,13 @@ class Trainer:
         *,
         device: torch.device | None = None,
         progress: bool = True,
+        dist_info: DistInfo | None = None,
     ) -> None:
         config.validate()
+        self.dist = dist_info or DistInfo()
+        if self.dist.enabled and config.batch_size % self.dist.world:
+            raise TrainingError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of the "
+                                f"{self.dist.world} processes")
         self.model = model
         self.objective = objective
         self.train_data = train_data
@@ -99,7 +120,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.cfg = config
         self.device = device or torch.device("cpu")
-        self.show_progress = progress
+        self.show_progress = progress and self.dist.is_main
         self.model.to(self.device)
         # An objective with its own train_step (the GAN's two players) owns its optimizers.
         self.custom_step = hasattr(objective, "train_step")
@@ -111,6 +132,17 @@ class Trainer:
         self.steps_per_epoch = max(1, self.batches_per_epoch // self.batches_per_step)
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
         self.step = 0
+        self.ddp: nn.Module | None = None
+        if self.dist.enabled:
+            if self.custom_step:
+                raise TrainingError("distributed training of models with their own train step (GAN) is not supported")
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(_LossModule(model, objective), device_ids=ids)
+        self.ema: dict[str, torch.Tensor] | None = None
+        if config.ema:
+            self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     # ------------------------------------------------------------ schedule and data order
 
@@ -133,6 +165,9 @@ class Trainer:
 
     def batch(self, counter: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = self.batch_indices(counter)
+        if self.dist.enabled:  # this rank's equal slice of the global batch
+            per = len(idx) // self.dist.world
+            idx = idx[self.dist.rank * per : (self.dist.rank + 1) * per]
         images = self.train_data.images[idx]  # (B, H, W, C) uint8
         if self.cfg.dynamic_binarize:
             rng = np.random.default_rng([self.cfg.seed, counter, 1])
@@ -149,8 +184,14 @@ class Trainer:
         return self.run_dir / ckpt.STATE_FILE
 
     def save_checkpoint(self) -> None:
+        if not self.dist.is_main:  # rank 0 writes; the others wait so no rank runs ahead of a checkpoint
+            barrier(self.dist)
+            return
         # Weights first: each file is complete on its own, and resume reads only the trainer state.
         ckpt.save_weights(self.run_dir / ckpt.WEIGHTS_FILE, self.model, {"step": str(self.step)})
+        if self.ema is not None:
+            with self.ema_weights():
+                ckpt.save_weights(self.run_dir / ckpt.EMA_WEIGHTS_FILE, self.model, {"step": str(self.step)})
         ckpt.save_state(
             self.state_path,
             {
@@ -160,8 +201,10 @@ class Trainer:
                 "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else {},
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "ema": self.ema or {},
             },
         )
+        barrier(self.dist)
 
     def resume(self) -> None:
         # A kill during an atomic write leaves its temp file behind: never read, safe to remove.
@@ -182,11 +225,38 @@ class Trainer:
             if state["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             self.step = int(state["step"])
+            if self.ema is not None:
+                self.ema = {k: v.to(self.device) for k, v in state["ema"].items()} or self.ema
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"{self.state_path}: trainer state does not match this run ({e})") from None
-        ckpt.truncate_metrics(self.run_dir / ckpt.METRICS_FILE, lambda r: int(r.get("step", 0)) <= self.step)
+        if self.dist.is_main:
+            ckpt.truncate_metrics(self.run_dir / ckpt.METRICS_FILE, lambda r: int(r.get("step", 0)) <= self.step)
 
     # ------------------------------------------------------------ evaluation and samples
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Any:
+        """Swap the moving-average weights in (evaluation, samples, the EMA checkpoint), then back."""
+        if self.ema is None:
+            yield
+            return
+        live = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.ema)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(live)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.cfg.ema
+        for k, v in self.model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.ema[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
+            else:
+                self.ema[k].copy_(v)
 
     @torch.no_grad()
     def evaluate(self, data: ImageData, limit: int = 0) -> dict[str, float]:
@@ -242,9 +312,10 @@ class Trainer:
                     loss = torch.tensor(batch_metrics.pop("loss"))
                 else:
                     loss, batch_metrics = self.optimization_step(step, lr)
+                self.update_ema()
                 self.step = step + 1
                 record = {"step": self.step, "loss": float(loss.detach()), "lr": lr, **batch_metrics}
-                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                if self.dist.is_main and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
                     ckpt.append_jsonl(metrics_path, {**record, "time": round(time.monotonic() - t0, 3)})
                 bar.update(1, loss=record["loss"])
                 epoch_end = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
@@ -262,7 +333,10 @@ class Trainer:
         if hasattr(self.objective, "set_step"):
             self.objective.set_step(step)
         with self.autocast():
-            loss, batch_metrics = self.objective.loss(self.model, x, y)
+            if self.ddp is not None:  # through DDP's forward, so its backward hooks average the gradients
+                loss, batch_metrics = self.ddp(x, y)
+            else:
+                loss, batch_metrics = self.objective.loss(self.model, x, y)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"the loss became {float(loss.detach())} at step {step}; the last checkpoint in {self.run_dir} "
@@ -273,15 +347,23 @@ class Trainer:
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
+        if self.ddp is not None:  # log the global batch's loss, as a single process would
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss = loss / self.dist.world
+            batch_metrics = {k: v for k, v in batch_metrics.items() if k != "nats_per_image"}
         return loss, batch_metrics
 
     def end_epoch(self, metrics_path: Path) -> dict[str, float]:
         epoch = math.ceil(self.step / self.steps_per_epoch)
         out: dict[str, float] = {}
-        if self.valid_data is not None:
-            out = self.evaluate(self.valid_data, self.cfg.eval_limit)
-            ckpt.append_jsonl(metrics_path, {"step": self.step, "epoch": epoch, "split": "valid", **out})
-        grid = self.write_samples(epoch)
+        if not self.dist.is_main:  # rank 0 evaluates and draws; the others wait at the checkpoint
+            return out
+        with self.ema_weights():
+            if self.valid_data is not None:
+                out = self.evaluate(self.valid_data, self.cfg.eval_limit)
+                ckpt.append_jsonl(metrics_path, {"step": self.step, "epoch": epoch, "split": "valid", **out})
+            grid = self.write_samples(epoch)
         if self.show_progress:
             shown = " ".join(f"{k}={v:.4f}" for k, v in out.items())
             print(f"epoch {epoch} step {self.step}: {shown} samples={grid}".rstrip(), flush=True)
