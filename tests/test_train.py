@@ -174,3 +174,38 @@ def test_ema_weights_are_kept_evaluated_and_exported(tmp_path: Path) -> None:
     resumed, _ = load_run(s.run_dir, ema=True)
     for (k, a), b in zip(ema.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_tensorboard_scalars_and_images_when_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tensorboard is optional: with a SummaryWriter importable, scalars and sample grids reach it."""
+    import sys
+    import types
+
+    calls: list[tuple[str, str]] = []
+
+    class FakeWriter:
+        def __init__(self, log_dir: str) -> None:
+            calls.append(("init", log_dir))
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            calls.append(("scalar", tag))
+
+        def add_image(self, tag: str, img: np.ndarray, step: int, dataformats: str) -> None:
+            assert img.ndim == 3 and dataformats == "HWC"
+            calls.append(("image", tag))
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=3, n_samples=4), out=tmp_path / "r", progress=False)
+    tags = {t for kind, t in calls if kind != "init"}
+    assert {"train/loss", "valid/nats_per_image", "samples"} <= tags
+    assert calls[0] == ("init", str(tmp_path / "r" / "tb"))
+
+
+def test_empty_data_set_is_a_clear_error(tmp_path: Path) -> None:
+    np.savez(tmp_path / "e.npz", train=np.zeros((0, 28, 28), np.uint8), valid=np.zeros((0, 28, 28), np.uint8))
+    with pytest.raises(UsageError, match="the data set is empty"):
+        train_run(data=DataSpec("binarized-mnist", path=str(tmp_path / "e.npz")), train=tiny_train(steps=1),
+                  out=tmp_path / "r", progress=False)

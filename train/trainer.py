@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from genforge.runtime.files import save_grid
+from genforge.runtime.files import make_grid, save_grid, to_display
 from genforge.runtime.progress import Progress, chunks
 
 from . import checkpoint as ckpt
@@ -42,6 +42,15 @@ class _LossModule(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
         return self.objective.loss(self.model, x, labels)
+
+
+def _tensorboard(log_dir: Path) -> Any:
+    """A SummaryWriter when tensorboard is installed (it is optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 class TrainingError(RuntimeError):
@@ -140,6 +149,7 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(_LossModule(model, objective), device_ids=ids)
+        self.tb = _tensorboard(self.run_dir / "tb") if self.dist.is_main else None
         self.ema: dict[str, torch.Tensor] | None = None
         if config.ema:
             self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -286,7 +296,18 @@ class Trainer:
         self.model.train()
         path = self.run_dir / "samples" / f"epoch_{epoch:03d}.png"
         save_grid(path, images, levels=self.train_data.levels)
+        if self.tb is not None:
+            grid = make_grid(to_display(images, self.train_data.levels))
+            self.tb.add_image("samples", grid, self.step, dataformats="HWC")
+            self.tb.flush()
         return path
+
+    def log_scalars(self, prefix: str, values: dict[str, Any]) -> None:
+        if self.tb is None:
+            return
+        for k, v in values.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{prefix}/{k}", v, self.step)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.cfg.amp and self.device.type == "cuda":
@@ -317,6 +338,7 @@ class Trainer:
                 record = {"step": self.step, "loss": float(loss.detach()), "lr": lr, **batch_metrics}
                 if self.dist.is_main and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
                     ckpt.append_jsonl(metrics_path, {**record, "time": round(time.monotonic() - t0, 3)})
+                    self.log_scalars("train", record)
                 bar.update(1, loss=record["loss"])
                 epoch_end = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
                 if epoch_end:
@@ -363,6 +385,7 @@ class Trainer:
             if self.valid_data is not None:
                 out = self.evaluate(self.valid_data, self.cfg.eval_limit)
                 ckpt.append_jsonl(metrics_path, {"step": self.step, "epoch": epoch, "split": "valid", **out})
+                self.log_scalars("valid", out)
             grid = self.write_samples(epoch)
         if self.show_progress:
             shown = " ".join(f"{k}={v:.4f}" for k, v in out.items())
