@@ -244,6 +244,8 @@ def _interpolation_images(source: str, data_path: str | None, count: int, levels
 @click.option("--quality/--no-quality", default=False, show_default=True,
               help="Also the sample-quality distances (fd, kd) against the split.")
 @click.option("--quality-samples", type=click.IntRange(min=2), default=500, show_default=True)
+@click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
+              help="torchvision Inception-v3 weights (.safetensors or .pth): also report inception_fd/kd.")
 @click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True, help="Score the first N images.")
 @click.option("--levels", type=click.IntRange(2, 256), default=None, help="Quantize the data (default: the model's).")
 @click.option("--image-size", type=int, default=32, show_default=True, help="For --data folder.")
@@ -254,7 +256,8 @@ def _interpolation_images(source: str, data_path: str | None, count: int, levels
 @click.option("--quiet", is_flag=True)
 @one_line_errors
 def eval_command(path: str, data: str, data_path: str | None, split: str, batch_size: int, iw_samples: int,
-                 quality: bool, quality_samples: int, limit: int, levels: int | None, image_size: int, channels: str,
+                 quality: bool, quality_samples: int, inception_weights: str | None,
+                 limit: int, levels: int | None, image_size: int, channels: str,
                  backend: str, seed: int, quiet: bool) -> None:
     """Evaluate a run directory or a bundle on a data split; prints one JSON object."""
     import json
@@ -266,7 +269,7 @@ def eval_command(path: str, data: str, data_path: str | None, split: str, batch_
                     channels=int(channels))
     result = evaluate_path(path, spec, batch_size=batch_size, iw_samples=iw_samples, quality=quality,
                            quality_samples=quality_samples, limit=limit, seed=seed, backend=backend,
-                           progress=not quiet)
+                           progress=not quiet, inception_weights=inception_weights)
     click.echo(json.dumps(result, sort_keys=True))
 
 

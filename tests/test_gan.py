@@ -150,3 +150,31 @@ def test_export_and_sampling(tmp_path: Path) -> None:
     res = CliRunner().invoke(sample_command, [str(bundle), "-n", "4", "--labels", "3", "--quiet",
                                               "-o", str(tmp_path / "s.png")])
     assert res.exit_code == 0, res.output
+
+
+def test_inception_features_from_a_user_weights_file(tmp_path: Path) -> None:
+    """With torchvision-named weights supplied (random here: nothing is downloaded), gen-eval reports the
+    distances in Inception-v3 feature space too; a foreign file is refused cleanly."""
+    from safetensors.torch import save_file
+
+    from genforge.cli.main import eval_command
+    from genforge.train.inception import InceptionV3Features, load_inception
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in InceptionV3Features().state_dict().items()}
+    state["fc.weight"] = torch.zeros(1000, 2048)  # torchvision's extra keys are accepted and ignored
+    save_file(state, str(tmp_path / "inception.safetensors"))
+    net = load_inception(tmp_path / "inception.safetensors")
+    feats = net.features(net.prepare(np.zeros((1, 8, 8, 1), np.uint8), 17))
+    assert feats.shape == (1, 2048)
+    run = train_run(model="gan", model_overrides=SMALL, train=gan_train(steps=2, n_samples=0), out=tmp_path / "g",
+                    progress=False).run_dir
+    res = CliRunner().invoke(eval_command, [str(run), "--split", "valid", "--limit", "3", "--quality-samples", "3",
+                                            "--inception-weights", str(tmp_path / "inception.safetensors"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert np.isfinite(out["inception_fd"]) and "inception_kd" in out and "fd" in out
+    save_file({"conv.weight": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    res = CliRunner().invoke(eval_command, [str(run), "--limit", "4", "--quality-samples", "4", "--quiet",
+                                            "--inception-weights", str(tmp_path / "foreign.safetensors")])
+    assert res.exit_code == 1 and "not torchvision Inception-v3 weights" in res.output

@@ -195,8 +195,10 @@ def evaluate_path(
     seed: int = 0,
     backend: str = "auto",
     progress: bool = False,
+    inception_weights: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run directory or a bundle on ``data.split``."""
+    """Evaluate a run directory or a bundle on ``data.split``. ``inception_weights``: also the distances in
+    Inception-v3 feature space (implies ``quality``)."""
     p = Path(path)
     if (p / MANIFEST).is_file():
         scorer, kind = _bundle_scorer(p, backend), "bundle"
@@ -215,7 +217,7 @@ def evaluate_path(
                            "split": data.split, "images": len(split)}
     out.update(score_likelihoods(scorer, split, batch_size=batch_size, iw_samples=iw_samples, seed=seed,
                                  progress=progress))
-    if quality:
+    if quality or inception_weights is not None:
         if scorer.sample is None:
             raise UsageError("this model does not sample: no sample-quality metric")
         train = data.load("train", seed)
@@ -227,4 +229,9 @@ def evaluate_path(
         report = sample_quality(train_feature_net(train, seed=seed), generated, split.images[:n], levels)
         out.update({**report.to_dict(), "quality_samples": n,
                     "quality_note": "features of a small classifier trained here; not comparable to Inception FID"})
+        if inception_weights is not None:
+            from .inception import load_inception
+
+            out.update(sample_quality(load_inception(inception_weights), generated, split.images[:n],
+                                      levels).to_dict("inception_"))
     return out

@@ -39,6 +39,9 @@ class FeatureNet(nn.Module):
         self.conv3 = nn.Conv2d(width, width, 3, padding=1)
         self.fc = nn.Linear(width, n_out)
 
+    def prepare(self, images: np.ndarray, levels: int) -> torch.Tensor:
+        return _to_input(images, levels)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) in [-1, 1] -> (B, width)."""
         y = F.relu(self.conv1(x))
@@ -117,9 +120,10 @@ def load_feature_net(directory: str | Path) -> FeatureNet:
 
 
 @torch.no_grad()
-def extract(net: FeatureNet, images: np.ndarray, levels: int, batch_size: int = 512) -> np.ndarray:
-    """uint8 levels (N, H, W, C) -> float64 features (N, width)."""
-    out = [net.features(_to_input(images[a : a + batch_size], levels)).double().numpy()
+def extract(net: nn.Module, images: np.ndarray, levels: int, batch_size: int = 64) -> np.ndarray:
+    """uint8 levels (N, H, W, C) -> float64 features (N, D), by any network with ``prepare`` and
+    ``features`` (FeatureNet, or the Inception-v3 of inception.py)."""
+    out = [net.features(net.prepare(images[a : a + batch_size], levels)).double().numpy()
            for a in range(0, len(images), batch_size)]
     return np.concatenate(out)
 
@@ -161,7 +165,7 @@ class QualityReport:
         return {f"{prefix}fd": self.fd, f"{prefix}kd": self.kd}
 
 
-def sample_quality(net: FeatureNet, generated: np.ndarray, reference: np.ndarray, levels: int) -> QualityReport:
+def sample_quality(net: nn.Module, generated: np.ndarray, reference: np.ndarray, levels: int) -> QualityReport:
     if len(generated) < 2 or len(reference) < 2:
         raise ValueError("the distances need at least two generated and two reference images")
     a, b = extract(net, generated, levels), extract(net, reference, levels)
