@@ -69,7 +69,24 @@ class AutoregressiveConfig(ImageConfig):
             raise ConfigError(f"the bernoulli likelihood needs levels == 2, got {self.levels}")
 
 
-class AutoregressiveModel(nn.Module):
+class GenerativeModel(nn.Module):
+    """What every family shares: a validated config, and images of levels mapped to [-1, 1]."""
+
+    family: ClassVar[str] = ""
+    config: ImageConfig
+
+    def __init__(self, config: ImageConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Levels 0..K-1 -> [-1, 1], in the dtype of the model's weights."""
+        dtype = next(self.parameters()).dtype
+        return x.to(dtype) * (2.0 / (self.config.levels - 1)) - 1.0
+
+
+class AutoregressiveModel(GenerativeModel):
     """Base class: a network that maps an image of levels to per-sub-pixel level log-probabilities.
 
     Subclasses build their layers and implement ``params(x, labels)`` returning raw head parameters
@@ -82,20 +99,13 @@ class AutoregressiveModel(nn.Module):
     config: AutoregressiveConfig
 
     def __init__(self, config: AutoregressiveConfig) -> None:
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         self.head = make_head(config.likelihood, config.levels, config.n_mix)
         self.label_embedding: nn.Embedding | None = None
 
     @property
     def out_features(self) -> int:
         return self.head.params_per_channel * self.config.channels
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Levels 0..K-1 -> [-1, 1], in the dtype of the model's weights."""
-        dtype = next(self.parameters()).dtype
-        return x.to(dtype) * (2.0 / (self.config.levels - 1)) - 1.0
 
     def params(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError

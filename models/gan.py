@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ConfigError, ImageConfig
+from .base import ConfigError, GenerativeModel, ImageConfig
 
 
 @dataclass
@@ -86,20 +86,14 @@ class Discriminator(nn.Module):
         return self.out(x.flatten(1))[:, 0]  # (B,) logits of "real"
 
 
-class GAN(nn.Module):
+class GAN(GenerativeModel):
     family: ClassVar[str] = "gan"
     config: GANConfig
 
     def __init__(self, config: GANConfig) -> None:
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         self.generator = Generator(config)
         self.discriminator = Discriminator(config)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.parameters()).dtype
-        return x.to(dtype) * (2.0 / (self.config.levels - 1)) - 1.0
 
     def _one_hot(self, labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
         n = self.config.num_classes

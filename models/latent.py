@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ConfigError, ImageConfig
+from .base import ConfigError, GenerativeModel, ImageConfig
 from .heads import LIKELIHOODS, make_head
 
 
@@ -111,18 +111,9 @@ class Decoder(nn.Module):
         return self.out(y)
 
 
-class LatentModel(nn.Module):
+class LatentModel(GenerativeModel):
     family: ClassVar[str] = "latent"
     config: LatentConfig
-
-    def __init__(self, config: LatentConfig) -> None:
-        super().__init__()
-        config.validate()
-        self.config = config
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.parameters()).dtype
-        return x.to(dtype) * (2.0 / (self.config.levels - 1)) - 1.0
 
     def one_hot(self, labels: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor | None:
         n = self.config.num_classes

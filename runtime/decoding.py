@@ -49,9 +49,7 @@ def naive_decode(
     kept from prefix and the rest sampled (image completion). Returns uint8 (B, H, W, C).
     """
     b, h, w, c = u.shape
-    x = np.zeros((b, c, h, w), dtype=np.float32)
-    if prefix is not None and start_row > 0:
-        x[:, :, :start_row] = prefix.transpose(0, 3, 1, 2)[:, :, :start_row]
+    x = _start_image(u, prefix, start_row)
     for i in range(start_row, h):
         for j in range(w):
             for k in range(c):
@@ -59,9 +57,7 @@ def naive_decode(
                 x[:, k, i, j] = inverse_cdf(log_probs[:, k, i, j], u[:, i, j, k])
         if progress is not None:
             progress.update(b)  # images x rows
-    if x.max(initial=0) >= levels:
-        raise RuntimeError(f"decoded a level >= {levels}: the backend returned a malformed distribution")
-    return x.transpose(0, 2, 3, 1).astype(np.uint8)
+    return _finish(x, levels)
 
 
 class Stepper(Protocol):
@@ -94,9 +90,7 @@ def cached_decode(
     rows kept from ``prefix`` are fed through ``step`` once per pixel so the caches hold them.
     """
     b, h, w, c = u.shape
-    x = np.zeros((b, c, h, w), dtype=np.float32)
-    if prefix is not None and start_row > 0:
-        x[:, :, :start_row] = prefix.transpose(0, 3, 1, 2)[:, :, :start_row]
+    x = _start_image(u, prefix, start_row)
     stepper.reset(b, labels)
     for i in range(h):
         stepper.row(np.ascontiguousarray(x[:, :, i - 1] if i else x[:, :, 0] * 0), i > 0)
@@ -109,6 +103,19 @@ def cached_decode(
                 x[:, k, i, j] = inverse_cdf(log_probs[:, k], u[:, i, j, k])
         if progress is not None:
             progress.update(b)
+    return _finish(x, levels)
+
+
+def _start_image(u: np.ndarray, prefix: np.ndarray | None, start_row: int) -> np.ndarray:
+    """The image being decoded, float32 (B, C, H, W): zeros, with the kept rows of ``prefix`` filled in."""
+    b, h, w, c = u.shape
+    x = np.zeros((b, c, h, w), dtype=np.float32)
+    if prefix is not None and start_row > 0:
+        x[:, :, :start_row] = prefix.transpose(0, 3, 1, 2)[:, :, :start_row]
+    return x
+
+
+def _finish(x: np.ndarray, levels: int) -> np.ndarray:
     if x.max(initial=0) >= levels:
         raise RuntimeError(f"decoded a level >= {levels}: the backend returned a malformed distribution")
     return x.transpose(0, 2, 3, 1).astype(np.uint8)
