@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .heads import LIKELIHOODS, make_head, nll_from_log_probs
@@ -84,6 +85,15 @@ class GenerativeModel(nn.Module):
         """Levels 0..K-1 -> [-1, 1], in the dtype of the model's weights."""
         dtype = next(self.parameters()).dtype
         return x.to(dtype) * (2.0 / (self.config.levels - 1)) - 1.0
+
+    def one_hot(self, labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """Class labels (B,) as one-hot rows in ``like``'s dtype; None for an unconditional model."""
+        n = self.config.num_classes
+        if not n:
+            return None
+        if labels is None:
+            raise ValueError(f"this model is class-conditional ({n} classes): pass labels")
+        return F.one_hot(labels.long(), n).to(like.dtype)
 
 
 class AutoregressiveModel(GenerativeModel):

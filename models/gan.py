@@ -95,22 +95,14 @@ class GAN(GenerativeModel):
         self.generator = Generator(config)
         self.discriminator = Discriminator(config)
 
-    def _one_hot(self, labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-        n = self.config.num_classes
-        if not n:
-            return None
-        if labels is None:
-            raise ValueError(f"this model is class-conditional ({n} classes): pass labels")
-        return F.one_hot(labels.long(), n).to(like.dtype)
-
     def generate(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, Z) -> images in [-1, 1], (B, C, H, W)."""
-        oh = self._one_hot(labels, z)
+        oh = self.one_hot(labels, z)
         return self.generator(z if oh is None else torch.cat([z, oh], dim=1))
 
     def discriminate(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Images in [-1, 1] (B, C, H, W) -> logits of real (B,)."""
-        oh = self._one_hot(labels, x)
+        oh = self.one_hot(labels, x)
         if oh is not None:
             x = torch.cat([x, oh[:, :, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
         return self.discriminator(x)

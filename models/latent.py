@@ -115,16 +115,8 @@ class LatentModel(GenerativeModel):
     family: ClassVar[str] = "latent"
     config: LatentConfig
 
-    def one_hot(self, labels: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor | None:
-        n = self.config.num_classes
-        if not n:
-            return None
-        if labels is None:
-            raise ValueError(f"this model is class-conditional ({n} classes): pass labels")
-        return F.one_hot(labels.long(), n).to(like.dtype)
-
     def with_labels(self, v: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        oh = self.one_hot(labels, v.shape[0], v)
+        oh = self.one_hot(labels, v)
         return v if oh is None else torch.cat([v, oh], dim=1)
 
     def check_input(self, x: torch.Tensor) -> None:
