@@ -12,6 +12,8 @@ import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+DATASET_CHOICES = ("digits", "binarized-mnist", "mnist", "fashion-mnist", "cifar10", "folder")
+
 # Exceptions that mean "bad input" rather than a bug: they end the command with one line and exit 1.
 # Matched by name so this module imports neither torch nor onnxruntime.
 CLEAN_ERRORS = (

@@ -1,4 +1,7 @@
-"""The console scripts. Each command parses its options and calls one library function."""
+"""The console scripts. Each command parses its options and calls one library function.
+
+``gen-sample`` lives in sample.py, which imports no torch (the ONNX path stays torch-free).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,8 @@ from pathlib import Path
 
 import click
 
-from .common import load_config_file, one_line_errors
-
-DATASET_CHOICES = ("digits", "binarized-mnist", "mnist", "fashion-mnist", "cifar10", "folder")
+from .common import DATASET_CHOICES, load_config_file, one_line_errors
+from .sample import sample_command
 
 
 def _model_choices() -> list[str]:
@@ -137,103 +139,6 @@ def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int,
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("bundle", type=click.Path())
-@click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64, show_default=True, help="Images to draw.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Image i's randomness comes from (seed, i): results do not depend on batch size or backend.")
-@click.option("--backend", type=click.Choice(["auto", "onnx", "torchscript"]), default="auto", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--decoder", type=click.Choice(["auto", "cached", "naive"]), default="auto", show_default=True,
-              help="cached: the incremental form, about one forward pass per image (auto picks it when the bundle "
-              "has it); naive: one full forward pass per sub-pixel. Same seed, same images.")
-@click.option("--complete", "complete_path", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Image completion: a .npz whose 'images' (N, H, W, C) uint8 levels are kept for --rows rows; "
-              "the rest is sampled (N replaces -n).")
-@click.option("--rows", type=click.IntRange(min=0), default=None, help="Rows kept with --complete.")
-@click.option("--mode", type=click.Choice(["mean", "sample"]), default="mean", show_default=True,
-              help="Autoencoder/VAE: show each sub-pixel's expected level, or draw it from p(x|z).")
-@click.option("--interpolate", "interpolate_from", default=None, metavar="IMAGES.npz|DATASET",
-              help="Autoencoder/VAE: a grid of interpolations between pairs of images, from a .npz ('images') or "
-              "a data set name (with --data-path; valid split); -n pairs, --steps columns.")
-@click.option("--data-path", type=click.Path(), default=None, help="Data set files for --interpolate DATASET.")
-@click.option("--steps", type=click.IntRange(min=2), default=8, show_default=True, help="Columns of --interpolate.")
-@click.option("--labels", default=None, metavar="I,J,...",
-              help="Class labels for a conditional model: one per image, or one for all (default: i % classes).")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
-              help="Output: .png (a grid) or .npz (uint8 array under 'images').")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@one_line_errors
-def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str, device: str, decoder: str,
-                   complete_path: str | None, rows: int | None, mode: str, interpolate_from: str | None,
-                   data_path: str | None, steps: int, labels: str | None, out: str, overwrite: bool,
-                   quiet: bool) -> None:
-    """Sample N images from BUNDLE and write them to OUT."""
-    from genforge.runtime import AutoregressiveSampler, InputError, LatentSampler, load
-    from genforge.runtime.files import read_images_npz, save_images
-
-    if not out.lower().endswith((".png", ".npz")):
-        raise click.BadParameter("must end in .png or .npz", param_hint="--out")
-    if Path(out).exists() and not overwrite:
-        raise click.ClickException(f"{out}: exists (pass --overwrite)")
-    if (complete_path is None) != (rows is None):
-        raise click.UsageError("--complete and --rows go together")
-    sampler = load(bundle, backend=backend, device=device)
-    prefix = None
-    if complete_path is not None:
-        prefix = read_images_npz(complete_path)
-        n = len(prefix)
-    lab = None
-    if labels is not None:
-        try:
-            values = [int(v) for v in labels.split(",") if v.strip()]
-        except ValueError:
-            raise InputError(f"--labels must be comma-separated integers, got {labels!r}") from None
-        lab = values * n if len(values) == 1 else values
-    kw: dict[str, object] = {"seed": seed, "batch_size": batch_size, "labels": lab, "progress": not quiet}
-    nrow = None
-    if isinstance(sampler, AutoregressiveSampler):
-        kw["decoder"] = decoder
-    elif isinstance(sampler, LatentSampler):
-        kw["mode"] = mode
-    elif mode != "mean":
-        raise click.UsageError("--mode applies to autoencoder and VAE bundles")
-    if interpolate_from is not None:
-        if not isinstance(sampler, LatentSampler):
-            raise click.UsageError("--interpolate needs an autoencoder or VAE bundle")
-        pairs = _interpolation_images(interpolate_from, data_path, 2 * n, sampler.levels)
-        grid = sampler.interpolate(pairs[:n], pairs[n : 2 * n], steps, labels=lab)
-        images, nrow = grid.reshape(-1, *grid.shape[2:]), steps
-    elif prefix is not None:
-        if not isinstance(sampler, AutoregressiveSampler):
-            raise click.UsageError("--complete needs an autoregressive bundle")
-        images = sampler.complete(prefix, int(rows or 0), **kw)  # type: ignore[arg-type]
-    else:
-        images = _sample_maybe_distributed(sampler, n, kw)
-        if images is None:  # a rank other than 0 under torchrun: rank 0 writes the gathered result
-            return
-    save_images(out, images, levels=sampler.levels, overwrite=overwrite, nrow=nrow)
-    click.echo(f"wrote {len(images)} images ({sampler.backend.name}, {sampler.backend.device}) to {out}")
-
-
-def _interpolation_images(source: str, data_path: str | None, count: int, levels: int) -> object:
-    """``count`` images for --interpolate: the first ones of a .npz, or of a data set's valid split."""
-    from genforge.runtime import InputError
-    from genforge.runtime.files import read_images_npz
-
-    if source.lower().endswith(".npz"):
-        images = read_images_npz(source)
-    else:
-        from genforge.train import load_dataset
-
-        images = load_dataset(source, split="valid", path=data_path, levels=levels).images
-    if len(images) < count:
-        raise InputError(f"--interpolate needs {count} images, {source} has {len(images)}")
-    return images[:count]
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("path", type=click.Path())
 @click.option("--data", type=click.Choice(DATASET_CHOICES), default="digits", show_default=True)
 @click.option("--data-path", type=click.Path(), default=None)
@@ -273,25 +178,4 @@ def eval_command(path: str, data: str, data_path: str | None, split: str, batch_
     click.echo(json.dumps(result, sort_keys=True))
 
 
-def _sample_maybe_distributed(sampler: object, n: int, kw: dict[str, object]) -> object:
-    """Under torchrun each rank draws its contiguous share of image indices and rank 0 gathers them: image
-    i's randomness comes from (seed, i), so the result equals a single process's."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return sampler.sample(n, **kw)  # type: ignore[attr-defined]
-    import numpy as np
-    import torch.distributed as dist
-
-    from genforge.train.distributed import from_env, gather_to_main, shard
-
-    info = from_env()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    start, stop = shard(n, info)
-    labels = kw.get("labels")
-    part_kw = {**kw, "labels": None if labels is None else list(labels)[start:stop], "start": start}  # type: ignore[call-overload]
-    part = sampler.sample(stop - start, **part_kw)  # type: ignore[attr-defined]
-    parts = gather_to_main(part, info)
-    dist.destroy_process_group()
-    return None if parts is None else np.concatenate(parts)  # type: ignore[arg-type]
+__all__ = ["eval_command", "export_command", "sample_command", "train_command"]

@@ -249,3 +249,17 @@ def test_onnx_path_in_an_environment_without_torch(runs, tmp_path: Path) -> None
     script.write_text(SAMPLE_SCRIPT.format(guard=""))
     subprocess.run([python, str(script), str(bundle), str(tmp_path / "o.npy")], check=True)
     np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), load(bundle).sample(4, seed=11))
+
+
+def test_gen_sample_command_runs_with_torch_blocked(runs, tmp_path: Path) -> None:
+    _, bundle = runs["pixelcnn"]
+    script = tmp_path / "cli.py"
+    script.write_text("import sys\n" + BLOCK_TORCH + textwrap.dedent("""
+        from genforge.cli.sample import sample_command
+        sample_command([sys.argv[1], "-n", "3", "--backend", "onnx", "--quiet", "-o", sys.argv[2]],
+                       standalone_mode=False)
+        assert "torch" not in sys.modules
+    """))
+    subprocess.run([sys.executable, str(script), str(bundle), str(tmp_path / "s.npz")], check=True)
+    with np.load(tmp_path / "s.npz") as z:
+        np.testing.assert_array_equal(z["images"], load(bundle).sample(3))
