@@ -56,42 +56,54 @@ class GraphDef:
     make_inputs: Callable[[int, torch.Generator], tuple[torch.Tensor, ...]]
 
 
-class _ForwardGraph(nn.Module):
-    """x (B, C, H, W) float32 levels [, labels (B,) int64] -> log_probs (B, C, H, W, K)."""
+class _MethodGraph(nn.Module):
+    """A model method as a graph: (input [, labels]) -> its output(s). forward, encode, decode, generate."""
 
-    def __init__(self, model: AutoregressiveModel) -> None:
+    def __init__(self, model: nn.Module, method: str) -> None:
         super().__init__()
         self.model = model
+        self.method = method
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(x, labels)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        return getattr(self.model, self.method)(x, labels)
 
 
-class _StepGraph(nn.Module):
-    """x_row (B, C, W), j (1,), *caches [, labels] -> log_probs (B, C, K), *caches."""
+class _CachedGraph(nn.Module):
+    """The incremental form's ``step`` or ``row``: (row input, column or flag, *caches [, labels]).
 
-    def __init__(self, inc: IncrementalModel, conditional: bool) -> None:
+    step -> (log_probs (B, C, K), *caches); row -> *caches.
+    """
+
+    def __init__(self, inc: IncrementalModel, method: str, conditional: bool) -> None:
         super().__init__()
         self.inc = inc
+        self.method = method
         self.conditional = conditional
 
-    def forward(self, x_row: torch.Tensor, j: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x_row: torch.Tensor, where: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         caches, labels = (list(rest[:-1]), rest[-1]) if self.conditional else (list(rest), None)
-        log_probs, new = self.inc.step(x_row, j, caches, labels)
-        return (log_probs, *new)
+        if self.method == "step":
+            log_probs, new = self.inc.step(x_row, where, caches, labels)
+            return (log_probs, *new)
+        return tuple(self.inc.row(x_row, where, caches, labels))
 
 
-class _RowGraph(nn.Module):
-    """x_prev_row (B, C, W), has_prev (1,), *caches [, labels] -> *caches."""
+def _label_inputs(c: Any) -> list[dict[str, Any]]:
+    return [{"name": "labels", "shape": ["batch"], "dtype": "int64"}] if c.num_classes else []
 
-    def __init__(self, inc: IncrementalModel, conditional: bool) -> None:
-        super().__init__()
-        self.inc = inc
-        self.conditional = conditional
 
-    def forward(self, x_prev_row: torch.Tensor, has_prev: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: E501
-        caches, labels = (list(rest[:-1]), rest[-1]) if self.conditional else (list(rest), None)
-        return tuple(self.inc.row(x_prev_row, has_prev, caches, labels))
+def _random_labels(c: Any, batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, c.num_classes, (batch,), generator=g),) if c.num_classes else ()
+
+
+def _random_images(c: Any, batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random levels (B, C, H, W) as float32 [, labels]."""
+    x = torch.randint(0, c.levels, (batch, c.channels, c.height, c.width), generator=g).float()
+    return (x, *_random_labels(c, batch, g))
+
+
+def _random_latents(c: Any, batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(batch, c.latent_size, generator=g), *_random_labels(c, batch, g))
 
 
 def cached_graphs(model: AutoregressiveModel) -> list[GraphDef]:
@@ -101,34 +113,31 @@ def cached_graphs(model: AutoregressiveModel) -> list[GraphDef]:
     specs = inc.cache_specs()
     cache_in = [{"name": f"cache_{n}", "shape": ["batch", *s], "dtype": "float32"} for n, s in specs]
     cache_out = [{"name": f"new_{n}", "shape": ["batch", *s], "dtype": "float32"} for n, s in specs]
-    label_in = [{"name": "labels", "shape": ["batch"], "dtype": "int64"}] if c.num_classes else []
+    label_in = _label_inputs(c)
     row_x = {"shape": ["batch", c.channels, c.width], "dtype": "float32"}
 
     def random_caches(batch: int, g: torch.Generator) -> list[torch.Tensor]:
         # Random caches exercise every weight; zeros would hide a wrong one.
         return [torch.randn((batch, *s), generator=g) for _, s in specs]
 
-    def random_labels(batch: int, g: torch.Generator) -> list[torch.Tensor]:
-        return [torch.randint(0, c.num_classes, (batch,), generator=g)] if c.num_classes else []
-
     def make_step(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         x = torch.randint(0, c.levels, (batch, c.channels, c.width), generator=g).float()
         j = torch.randint(0, c.width, (1,), generator=g)
-        return (x, j, *random_caches(batch, g), *random_labels(batch, g))
+        return (x, j, *random_caches(batch, g), *_random_labels(c, batch, g))
 
     def make_row(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         x = torch.randint(0, c.levels, (batch, c.channels, c.width), generator=g).float()
-        return (x, torch.ones(1), *random_caches(batch, g), *random_labels(batch, g))
+        return (x, torch.ones(1), *random_caches(batch, g), *_random_labels(c, batch, g))
 
     lp = {"name": "log_probs", "shape": ["batch", c.channels, c.levels], "dtype": "float32"}
     return [
         GraphDef(
-            "step", _StepGraph(inc, bool(c.num_classes)),
+            "step", _CachedGraph(inc, "step", bool(c.num_classes)),
             [{"name": "x_row", **row_x}, {"name": "j", "shape": [1], "dtype": "int64"}, *cache_in, *label_in],
             [lp, *cache_out], make_step,
         ),
         GraphDef(
-            "row", _RowGraph(inc, bool(c.num_classes)),
+            "row", _CachedGraph(inc, "row", bool(c.num_classes)),
             [{"name": "x_prev_row", **row_x}, {"name": "has_prev", "shape": [1], "dtype": "float32"},
              *cache_in, *label_in],
             cache_out, make_row,
@@ -138,58 +147,20 @@ def cached_graphs(model: AutoregressiveModel) -> list[GraphDef]:
 
 def autoregressive_graphs(model: AutoregressiveModel) -> list[GraphDef]:
     c = model.config
-    x_spec = {"name": "x", "shape": ["batch", c.channels, c.height, c.width], "dtype": "float32"}
-    inputs = [x_spec]
-    if c.num_classes:
-        inputs.append({"name": "labels", "shape": ["batch"], "dtype": "int64"})
-
-    def make(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        x = torch.randint(0, c.levels, (batch, c.channels, c.height, c.width), generator=g).float()
-        if not c.num_classes:
-            return (x,)
-        return x, torch.randint(0, c.num_classes, (batch,), generator=g)
-
+    inputs = [{"name": "x", "shape": ["batch", c.channels, c.height, c.width], "dtype": "float32"}, *_label_inputs(c)]
     out = {"name": "log_probs", "shape": ["batch", c.channels, c.height, c.width, c.levels], "dtype": "float32"}
-    graphs = [GraphDef("forward", _ForwardGraph(model), inputs, [out], make)]
+    graphs = [GraphDef("forward", _MethodGraph(model, "__call__"), inputs, [out],
+                       lambda batch, g: _random_images(c, batch, g))]
     try:
         return graphs + cached_graphs(model)
     except TypeError:  # a model without a cached form: the bundle serves naive decoding only
         return graphs
 
 
-class _EncodeGraph(nn.Module):
-    def __init__(self, model: LatentModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
-        return self.model.encode(x, labels)
-
-
-class _DecodeGraph(nn.Module):
-    def __init__(self, model: LatentModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.decode(z, labels)
-
-
 def latent_graphs(model: LatentModel) -> list[GraphDef]:
     """``encode``: x -> mean[, logvar]; ``decode``: z -> log_probs (VAE) or the reconstruction (autoencoder)."""
     c = model.config
-    label_in = [{"name": "labels", "shape": ["batch"], "dtype": "int64"}] if c.num_classes else []
-
-    def labels(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        return (torch.randint(0, c.num_classes, (batch,), generator=g),) if c.num_classes else ()
-
-    def make_x(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        return (torch.randint(0, c.levels, (batch, c.channels, c.height, c.width), generator=g).float(),
-                *labels(batch, g))
-
-    def make_z(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        return (torch.randn(batch, c.latent_size, generator=g), *labels(batch, g))
-
+    label_in = _label_inputs(c)
     z_spec = {"shape": ["batch", c.latent_size], "dtype": "float32"}
     vae = isinstance(model, VAE)
     enc_out = [{"name": "mean", **z_spec}] + ([{"name": "logvar", **z_spec}] if vae else [])
@@ -198,32 +169,20 @@ def latent_graphs(model: LatentModel) -> list[GraphDef]:
                else {"name": "x_mean", "shape": image, "dtype": "float32"})
     x_in = {"name": "x", "shape": image, "dtype": "float32"}
     return [
-        GraphDef("encode", _EncodeGraph(model), [x_in, *label_in], enc_out, make_x),
-        GraphDef("decode", _DecodeGraph(model), [{"name": "z", **z_spec}, *label_in], [dec_out], make_z),
+        GraphDef("encode", _MethodGraph(model, "encode"), [x_in, *label_in], enc_out,
+                 lambda batch, g: _random_images(c, batch, g)),
+        GraphDef("decode", _MethodGraph(model, "decode"), [{"name": "z", **z_spec}, *label_in], [dec_out],
+                 lambda batch, g: _random_latents(c, batch, g)),
     ]
-
-
-class _GenerateGraph(nn.Module):
-    def __init__(self, model: GAN) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.generate(z, labels)
 
 
 def gan_graphs(model: GAN) -> list[GraphDef]:
     """``generate``: z [, labels] -> images in [-1, 1] (batch norm in inference mode)."""
     c = model.config
-    label_in = [{"name": "labels", "shape": ["batch"], "dtype": "int64"}] if c.num_classes else []
-
-    def make_z(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        z = torch.randn(batch, c.latent_size, generator=g)
-        return (z, torch.randint(0, c.num_classes, (batch,), generator=g)) if c.num_classes else (z,)
-
     out = {"name": "x_mean", "shape": ["batch", c.channels, c.height, c.width], "dtype": "float32"}
     z_in = {"name": "z", "shape": ["batch", c.latent_size], "dtype": "float32"}
-    return [GraphDef("generate", _GenerateGraph(model), [z_in, *label_in], [out], make_z)]
+    return [GraphDef("generate", _MethodGraph(model, "generate"), [z_in, *_label_inputs(c)], [out],
+                     lambda batch, g: _random_latents(c, batch, g))]
 
 
 def graph_defs(model: nn.Module) -> list[GraphDef]:

@@ -57,6 +57,14 @@ class ImageConfig:
         return cfg
 
 
+def check_likelihood(likelihood: str, levels: int) -> None:
+    """The checks every config with a likelihood head shares."""
+    if likelihood not in LIKELIHOODS:
+        raise ConfigError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
+    if likelihood == "bernoulli" and levels != 2:
+        raise ConfigError(f"the bernoulli likelihood needs levels == 2, got {levels}")
+
+
 @dataclass
 class AutoregressiveConfig(ImageConfig):
     likelihood: str = "categorical"
@@ -64,10 +72,7 @@ class AutoregressiveConfig(ImageConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
-        if self.likelihood == "bernoulli" and self.levels != 2:
-            raise ConfigError(f"the bernoulli likelihood needs levels == 2, got {self.levels}")
+        check_likelihood(self.likelihood, self.levels)
 
 
 class GenerativeModel(nn.Module):

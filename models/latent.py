@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ConfigError, GenerativeModel, ImageConfig
-from .heads import LIKELIHOODS, make_head
+from .base import ConfigError, GenerativeModel, ImageConfig, check_likelihood
+from .heads import make_head
 
 
 @dataclass
@@ -54,10 +54,7 @@ class VAEConfig(LatentConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
-        if self.likelihood == "bernoulli" and self.levels != 2:
-            raise ConfigError(f"the bernoulli likelihood needs levels == 2, got {self.levels}")
+        check_likelihood(self.likelihood, self.levels)
 
 
 def stage_sizes(height: int, width: int, depth: int) -> list[tuple[int, int]]:
