@@ -1,10 +1,17 @@
-"""Triton kernels against their PyTorch references under TRITON_INTERPRET=1 (set in conftest.py), on tiny
-shapes that are not multiples of the block sizes; and the triton runtime backend against TorchScript.
+"""Triton kernels against their PyTorch references, and the triton runtime backend against TorchScript.
+
+On the CPU (every CI run) the kernels run under TRITON_INTERPRET=1 (set in conftest.py) on tiny shapes that
+are not multiples of the block sizes. A GPU session runs the same tests compiled, on CUDA:
+``GENFORGE_TEST_DEVICE=cuda python -m pytest tests/test_triton.py``.
 
 Tolerances (max |kernel - reference| on outputs of magnitude ~1-10): float32 1e-4; float16 rtol 1e-2 /
 atol 1e-2; bfloat16 rtol 2e-2 / atol 6e-2 (8 mantissa bits). Under the interpreter the bf16 operands of
 tl.dot are upcast to float32 (Triton 3.9's interpreter mis-evaluates bf16 dots), so these tests cover the
-bf16 loads, stores and epilogue, not the bf16 MMA itself, which only a GPU run exercises.
+bf16 loads, stores and epilogue, not the bf16 MMA itself, which only the GPU run exercises.
+
+float32 means float32: on a GPU, tl.dot rounds float32 operands to tf32 unless told input_precision="ieee".
+The interpreter computes every dot exactly, so the ``gpu_like_tf32`` fixture makes it round as the GPU
+would whenever a kernel asks for tf32; a kernel that forgot "ieee" fails these tests on the CPU too.
 
 Sampling: the fused kernel computes in float32 like the other backends, and a sample can differ only when
 its uniform lies within float32 rounding (~1e-6 relative) of a CDF edge. The equality tests use fixed
@@ -25,7 +32,37 @@ from genforge.runtime.randomness import uniforms
 from genforge.triton_kernels.masked_conv import masked_conv2d, masked_conv2d_reference
 from genforge.triton_kernels.pixelcnn_decode import decode, decode_reference, launches_per_batch, pack_pixelcnn
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="conftest sets TRITON_INTERPRET")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if os.environ.get("GENFORGE_TEST_DEVICE") == "cuda" else "cpu"
+pytestmark = pytest.mark.skipif(
+    not INTERPRET and not (DEVICE == "cuda" and torch.cuda.is_available()),
+    reason="needs TRITON_INTERPRET=1 (conftest sets it) or GENFORGE_TEST_DEVICE=cuda on a CUDA machine",
+)
+
+
+def _round_to_tf32(a: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest value with tf32's 10 mantissa bits (round half away from zero on the bits)."""
+    bits = a.astype(np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def gpu_like_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not INTERPRET:
+        return
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # type: ignore[no-untyped-def]
+        if input_precision == ir.INPUT_PRECISION.TF32 and a.data.dtype == np.float32:
+            a = interpreter.TensorHandle(_round_to_tf32(a.data), a.dtype)
+            b = interpreter.TensorHandle(_round_to_tf32(b.data), b.dtype)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 6e-2)}
 CONVS = [  # (C_in, C_out, kernel, mask, colour groups, shape)
@@ -49,11 +86,49 @@ def test_masked_conv_matches_reference(dtype: torch.dtype, gated: bool, conv: tu
     w = (torch.randn(c_out, c_in, *ks, generator=g) * 0.3).to(dtype)
     b = torch.randn(c_out, generator=g).to(dtype)
     mask = causal_mask(mask_type, c_out, c_in, ks, groups=groups, shape=shape)
-    out = masked_conv2d(x, w, mask, b, gated=gated, block_m=16, block_n=16, block_k=16)
-    ref = masked_conv2d_reference(x.float(), w.float(), mask, b.float(), gated=gated)
+    out = masked_conv2d(x.to(DEVICE), w.to(DEVICE), mask.to(DEVICE), b.to(DEVICE), gated=gated,
+                        block_m=16, block_n=16, block_k=16).cpu()
+    ref = masked_conv2d_reference(x.double(), w.double(), mask.double(), b.double(), gated=gated).float()
     assert out.dtype == dtype and out.shape == ref.shape
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol, msg=lambda m: f"seed {seed}: {m}")
+
+
+def _tuning_configs() -> list[dict[str, int]]:
+    from genforge.triton_kernels import masked_conv
+
+    return [dict(c.kwargs) for c in masked_conv.TUNING_CONFIGS]
+
+
+@pytest.mark.parametrize("blocks", _tuning_configs(), ids=lambda b: "-".join(map(str, b.values())))
+def test_every_tuning_config_computes_the_same_function(blocks: dict[str, int]) -> None:
+    """The autotuner may pick any of these on a GPU; each must be correct (here with ragged sizes)."""
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x = torch.randn(3, 20, 6, 5, generator=g)
+    w = torch.randn(68, 20, 3, 3, generator=g) * 0.3
+    b = torch.randn(68, generator=g)
+    mask = causal_mask("B", 68, 20, (3, 3))
+    out = masked_conv2d(x.to(DEVICE), w.to(DEVICE), mask.to(DEVICE), b.to(DEVICE), gated=True,
+                        **{k.lower(): v for k, v in blocks.items()}).cpu()
+    ref = masked_conv2d_reference(x.double(), w.double(), mask.double(), b.double(), gated=True).float()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_every_dot_states_its_precision() -> None:
+    """The fused decode's samples are too coarse to show tf32 rounding on tiny shapes, so the policy is also
+    checked in the source: every tl.dot in triton_kernels/ names its input_precision."""
+    import ast
+    from pathlib import Path
+
+    import genforge.triton_kernels as pkg
+
+    dots = 0
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "dot":
+                dots += 1
+                assert "input_precision" in {k.arg for k in node.keywords}, f"{path.name}:{node.lineno}"
+    assert dots >= 5
 
 
 def test_masked_conv_visits_only_kept_taps() -> None:
@@ -91,7 +166,7 @@ def test_fused_decode_matches_reference(channels: int, likelihood: str, levels: 
                                      "n_mix": 2, "num_classes": classes}).eval()
     u = torch.from_numpy(uniforms(1, 0, 3, (3, 4, channels)))
     labels = torch.tensor([0, 2, 1]) if classes else None
-    out = decode(pack_pixelcnn(model), u, labels=labels)
+    out = decode(pack_pixelcnn(model, DEVICE), u, labels=labels).cpu()
     with torch.no_grad():
         ref = decode_reference(lambda x, lab: model(x.float(), lab), u, levels, labels)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -103,7 +178,7 @@ def test_fused_decode_completion_keeps_rows_and_fills_caches() -> None:
                                      "layers": 1, "output_hidden": 5}).eval()
     u = torch.from_numpy(uniforms(2, 0, 2, (4, 3, 1)))
     prefix = torch.randint(0, 4, (2, 1, 4, 3)).float()
-    out = decode(pack_pixelcnn(model), u, prefix=prefix, start_row=2)
+    out = decode(pack_pixelcnn(model, DEVICE), u, prefix=prefix, start_row=2).cpu()
     torch.testing.assert_close(out[:, :, :2], prefix[:, :, :2])
 
     def forward(x, lab):  # the reference with the same kept rows
@@ -140,7 +215,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def test_triton_backend_samples_like_torchscript(bundles, name: str) -> None:
     from genforge.runtime import load
 
-    triton_s = load(bundles[name], backend="triton", device="cpu")
+    triton_s = load(bundles[name], backend="triton", device=DEVICE)
     ts = load(bundles[name], backend="torchscript", device="cpu")
     assert triton_s.backend.fused == (name == "pixelcnn")
     np.testing.assert_array_equal(triton_s.sample(2, seed=4), ts.sample(2, seed=4))
@@ -151,6 +226,32 @@ def test_triton_backend_samples_like_torchscript(bundles, name: str) -> None:
 def test_triton_backend_refuses_the_cpu_without_the_interpreter(bundles, monkeypatch: pytest.MonkeyPatch) -> None:
     from genforge.runtime import RuntimeBackendError, load
 
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeBackendError, match="runs on CUDA"):
         load(bundles["pixelcnn"], backend="triton", device="cpu")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the smoke run is the CPU rehearsal of the GPU benchmark")
+def test_gpu_benchmark_smoke_run(tmp_path) -> None:
+    """benchmarks/triton_gpu.py end to end on tiny shapes, so a GPU session only has to run it: every code
+    path runs, the kernels agree with the references, and the JSON says the timings mean nothing."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "triton_gpu.py"
+    out = tmp_path / "smoke"
+    subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], check=True, capture_output=True,
+                   env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["smoke"] is True and "timings mean nothing" in result["device"]
+    (conv,) = result["masked_conv_gated"]
+    assert conv["max_abs_err_vs_float64"] < 1e-2 and conv["triton_ms"] > 0
+    assert [r["batch"] for r in result["sampling"]] == [1, 17]
+    for row in result["sampling"]:
+        assert row["samples_agree_fused_vs_naive"] == 1.0
+        assert row["launches_per_batch"]["fused_expected"] == -(-row["batch"] // 16)
+    gpu = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert gpu.returncode != 0 and "needs a CUDA device" in gpu.stderr

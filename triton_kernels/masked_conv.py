@@ -32,6 +32,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: "ieee" for float32 operands, since on Ampere and later Triton's default
+    rounds them to tf32 (10 mantissa bits), ~1e-3 relative error that the float32 contract does not allow.
+    Half-precision operands are exact in either mode; "tf32" is then the default, spelled out."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 if triton is not None:
 
     @triton.jit
@@ -51,6 +58,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         GATED: tl.constexpr,  # output tanh(a) * sigmoid(b) with a, b the two halves of C_total
         UPCAST_DOT: tl.constexpr,  # compute tl.dot in float32 (the interpreter's bf16 dot is wrong)
+        PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 (the GPU default, tf32, is not)
         BLOCK_M: tl.constexpr,  # output pixels per program
         BLOCK_N: tl.constexpr,  # output channels per program
         BLOCK_K: tl.constexpr,  # input channels per inner step
@@ -82,15 +90,15 @@ if triton is not None:
                 w_rows = w_ptr + t * (C_in * C_total) + kk[:, None] * C_total
                 wa = tl.load(w_rows + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 if UPCAST_DOT:
-                    acc_a += tl.dot(a.to(tl.float32), wa.to(tl.float32))
+                    acc_a += tl.dot(a.to(tl.float32), wa.to(tl.float32), input_precision=PRECISION)
                 else:
-                    acc_a += tl.dot(a, wa)
+                    acc_a += tl.dot(a, wa, input_precision=PRECISION)
                 if GATED:
                     wb = tl.load(w_rows + (rn + C_out)[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                     if UPCAST_DOT:
-                        acc_b += tl.dot(a.to(tl.float32), wb.to(tl.float32))
+                        acc_b += tl.dot(a.to(tl.float32), wb.to(tl.float32), input_precision=PRECISION)
                     else:
-                        acc_b += tl.dot(a, wb)
+                        acc_b += tl.dot(a, wb, input_precision=PRECISION)
         if HAS_BIAS:
             acc_a += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if GATED:
@@ -101,6 +109,22 @@ if triton is not None:
             out = acc_a
         o_off = bi[:, None] * (C_out * hw) + rn[None, :] * hw + (h * W + w)[:, None]
         tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+    # On a GPU the block sizes are chosen by timing these candidates once per problem shape (Triton's
+    # autotuner caches the winner per key). The interpreter times nothing and uses DEFAULT_BLOCKS.
+    TUNING_CONFIGS = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in [
+            (32, 32, 32, 4, 2), (64, 32, 32, 4, 3), (64, 64, 32, 4, 3), (128, 32, 32, 4, 3), (128, 64, 32, 8, 3),
+            (64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (128, 128, 32, 8, 3), (256, 64, 32, 8, 3),
+        ]
+    ]
+    _masked_conv2d_tuned = triton.autotune(
+        configs=TUNING_CONFIGS, key=["B", "C_in", "H", "W", "C_out", "T", "GATED", "PRECISION"]
+    )(_masked_conv2d_kernel)
+
+DEFAULT_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
 # ---------------------------------------------------------------- launcher
@@ -151,11 +175,14 @@ def masked_conv2d_packed(
     packed: PackedConv,
     *,
     gated: bool = False,
-    block_m: int = 64,
-    block_n: int = 32,
-    block_k: int = 32,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
 ) -> torch.Tensor:
-    """Run the kernel: x (B, C_in, H, W) -> (B, C_out, H, W), C_out = C_total (or C_total / 2 if gated)."""
+    """Run the kernel: x (B, C_in, H, W) -> (B, C_out, H, W), C_out = C_total (or C_total / 2 if gated).
+
+    Block sizes: autotuned on a GPU unless all three are given; DEFAULT_BLOCKS under the interpreter.
+    """
     if triton is None:
         raise RuntimeError("triton is not installed")
     if x.dim() != 4:
@@ -170,23 +197,31 @@ def masked_conv2d_packed(
         raise ValueError(f"x is on {x.device} but the weight is on {packed.weight.device}")
     if gated and packed.out_total % 2:
         raise ValueError(f"a gated convolution needs an even number of output channels, got {packed.out_total}")
-    for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
+    given = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    for name, v in given.items():
+        if v is not None and (v < 16 or v & (v - 1)):
+            raise ValueError(f"{name.lower()} must be a power of two >= 16 (tl.dot's minimum), got {v}")
+    tuned = not _interpreting() and all(v is None for v in given.values())
+    blocks = {} if tuned else {k: v if v is not None else DEFAULT_BLOCKS[k] for k, v in given.items()}
     b, c_in, h, w = x.shape
     c_out = packed.out_total // 2 if gated else packed.out_total
     x = x.contiguous()
     out = torch.empty((b, c_out, h, w), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(b * h * w, block_m), triton.cdiv(c_out, block_n))
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(b * h * w, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
+
     bias = packed.bias if packed.bias is not None else packed.weight  # a dummy pointer when HAS_BIAS is off
-    _masked_conv2d_kernel[grid](
+    kernel = _masked_conv2d_tuned if tuned else _masked_conv2d_kernel
+    kernel[grid](
         x, packed.weight, bias, packed.dy, packed.dx, out,
         b, c_in, h, w, c_out, packed.taps, packed.out_total,
         HAS_BIAS=packed.bias is not None, GATED=gated,
         UPCAST_DOT=_interpreting() and x.dtype == torch.bfloat16,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=dot_precision(x.dtype),
+        **blocks,
     )
     return out
 
@@ -198,7 +233,7 @@ def masked_conv2d(
     bias: torch.Tensor | None = None,
     *,
     gated: bool = False,
-    **blocks: int,
+    **blocks: int | None,
 ) -> torch.Tensor:
     """``masked_conv2d_reference`` computed by the Triton kernel (packing the weight on every call)."""
     return masked_conv2d_packed(x, pack_masked_conv(weight, mask, bias), gated=gated, **blocks)

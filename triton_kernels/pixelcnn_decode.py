@@ -46,11 +46,12 @@ if triton is not None:
 
     @triton.jit
     def _matvec(a, w_ptr, K: tl.constexpr, N: tl.constexpr, ROW: tl.constexpr):
-        """a (BB, K) @ W (K, N) with W row-major at w_ptr (row stride ROW)."""
+        """a (BB, K) @ W (K, N) with W row-major at w_ptr (row stride ROW), in true float32: the GPU default
+        (tf32) would move samples off the other backends' (see masked_conv.dot_precision)."""
         rk = tl.arange(0, K)
         rn = tl.arange(0, N)
         w = tl.load(w_ptr + rk[:, None] * ROW + rn[None, :])
-        return tl.dot(a, w)
+        return tl.dot(a, w, input_precision="ieee")
 
     @triton.jit
     def _pixelcnn_decode_kernel(
@@ -58,24 +59,27 @@ if triton is not None:
         u_ptr,  # (B, H, W, C) float64 uniforms
         lab_ptr,  # (B,) int64 labels, read only if HAS_LABELS
         scratch_ptr,  # (B, L, IP, R, W + 2 * PAD) float32 ring buffers of the blocks' kxk inputs
-        w0_ptr, dy0_ptr, dx0_ptr, b0_ptr,  # input conv: (T0, CP, HP), taps, (HP,)
+        w0_ptr, dy0_ptr, dx0_ptr, c0_ptr, b0_ptr,  # input conv: (K0P, HP) over (tap, channel) pairs, (HP,)
         emb_ptr,  # (classes, HP) label embedding
         wr_ptr, br_ptr,  # reduce 1x1: (L, HP, IP), (L, IP)
         wc_ptr, dyc_ptr, dxc_ptr, bc_ptr,  # block kxk: (L, T1, IP, IP), taps, (L, IP)
         we_ptr, be_ptr,  # expand 1x1: (L, IP, HP), (L, HP)
         w1_ptr, b1_ptr,  # out1: (HP, OP), (OP,)
         w2_ptr, b2_ptr,  # out2 per channel and head parameter group: (C, G, OP, NP), (C, G, NP)
-        B, H, W, T0, T1, START_ROW,
+        B, H, W, K0, T1, START_ROW,
         C: tl.constexpr, L: tl.constexpr, R: tl.constexpr, PAD: tl.constexpr, LEVELS: tl.constexpr,
         HEAD: tl.constexpr, G: tl.constexpr, NMIX: tl.constexpr, HAS_LABELS: tl.constexpr,
-        CP: tl.constexpr, HP: tl.constexpr, IP: tl.constexpr, OP: tl.constexpr, NP: tl.constexpr,
-        KP: tl.constexpr, BLOCK_B: tl.constexpr,
+        HP: tl.constexpr, IP: tl.constexpr, OP: tl.constexpr, NP: tl.constexpr,
+        KP: tl.constexpr, K0P: tl.constexpr, BLOCK_B: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
         b_ok = rb < B
         zero_b = rb * 0
-        rc = tl.arange(0, CP)
+        r0 = tl.arange(0, K0P)
+        dy0 = tl.load(dy0_ptr + r0)  # the input conv's (tap, channel) pairs, padded past K0
+        dx0 = tl.load(dx0_ptr + r0)
+        c0 = tl.load(c0_ptr + r0)
         rh = tl.arange(0, HP)
         ri = tl.arange(0, IP)
         ro = tl.arange(0, OP)
@@ -94,20 +98,15 @@ if triton is not None:
         for i in range(0, H):  # rows above START_ROW are kept: computed (to fill the caches), not sampled
             for j in range(0, W):
                 for kc in range(0, C):
-                    # ---- input convolution (mask A) over the kept taps of the image so far
-                    acc = tl.zeros((BLOCK_B, HP), dtype=tl.float32)
-                    for t in range(T0):
-                        yy = i + tl.load(dy0_ptr + t)
-                        xx = j + tl.load(dx0_ptr + t)
-                        # Scalar conditions are broadcast to vectors first: the interpreter rejects a mask
-                        # that mixes a scalar with a tensor.
-                        inside = ((zero_b + yy) >= 0) & ((zero_b + xx) >= 0) & ((zero_b + xx) < W)  # (BB,)
-                        ok = inside[:, None] & (rc[None, :] < C)  # (BB, CP)
-                        v = tl.load(x_ptr + rb[:, None] * (C * hw) + rc[None, :] * hw + yy * W + xx,
-                                    mask=b_ok[:, None] & ok, other=0.0)
-                        xin = tl.where(ok, v * (2.0 / (LEVELS - 1)) - 1.0, 0.0)  # zero padding outside
-                        acc += _matvec(xin, w0_ptr + t * CP * HP, CP, HP, HP)
-                    h = acc + tl.load(b0_ptr + rh)[None, :]
+                    # ---- input convolution (mask A): one product over all kept (tap, channel) pairs, gathered
+                    # from the image so far (24 taps x 1 channel is one 32-wide dot, not 24 padded ones)
+                    yy = i + dy0
+                    xx = j + dx0
+                    ok = (r0 < K0) & (yy >= 0) & (xx >= 0) & (xx < W)  # (K0P,)
+                    v = tl.load(x_ptr + rb[:, None] * (C * hw) + (c0 * hw + yy * W + xx)[None, :],
+                                mask=b_ok[:, None] & ok[None, :], other=0.0)
+                    xin = tl.where(ok[None, :], v * (2.0 / (LEVELS - 1)) - 1.0, 0.0)  # zero padding outside
+                    h = _matvec(xin, w0_ptr, K0P, HP, HP) + tl.load(b0_ptr + rh)[None, :]
                     if HAS_LABELS:
                         h += emb
                     # ---- residual blocks
@@ -188,7 +187,7 @@ def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") ->
     head = {"bernoulli": 0, "categorical": 1, "logistic-mixture": 2}[c.likelihood]
     C, hidden, oh = c.channels, c.hidden, c.output_hidden
     inner = model.blocks[0].conv.in_channels if len(model.blocks) else 1
-    CP, HP, IP, OP = _p2(C), _p2(hidden), _p2(inner), _p2(oh)
+    HP, IP, OP = _p2(hidden), _p2(inner), _p2(oh)
     n_per = model.head.params_per_channel
     G = 3 if head == 2 else 1
     per_group = n_per // G
@@ -210,7 +209,14 @@ def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") ->
         return pad2(conv.masked_weight()[:, :, 0, 0].t(), r, k)
 
     p0 = pack_masked_conv(model.input_conv.weight.detach(), model.input_conv.mask, model.input_conv.bias)
-    w0 = torch.stack([pad2(w, CP, HP) for w in p0.weight]) if p0.taps else torch.zeros(0, CP, HP, **f32)
+    # The input conv as one (tap, channel) x hidden matrix; padding rows are zero and masked off by K0.
+    K0 = p0.taps * C
+    K0P = _p2(K0)
+    w0 = pad2(p0.weight.reshape(K0, -1), K0P, HP)
+    pairs = torch.zeros(3, K0P, dtype=torch.int32)
+    pairs[0, :K0] = p0.dy.cpu().repeat_interleave(C)
+    pairs[1, :K0] = p0.dx.cpu().repeat_interleave(C)
+    pairs[2, :K0] = torch.arange(C, dtype=torch.int32).repeat(p0.taps)
     blocks = list(model.blocks)
     L = len(blocks)
     if L:
@@ -233,7 +239,7 @@ def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") ->
             b2p[ch, g, :per_group] = b2[rows].float()
     emb = model.label_embedding.weight.detach() if model.label_embedding is not None else None
     tensors = {
-        "w0": w0.contiguous(), "dy0": p0.dy.to(device), "dx0": p0.dx.to(device), "b0": pad1(model.input_conv.bias, HP),
+        "w0": w0.contiguous(), "dy0": pairs[0], "dx0": pairs[1], "c0": pairs[2], "b0": pad1(model.input_conv.bias, HP),
         "emb": pad2(emb, emb.shape[0], HP) if emb is not None else torch.zeros(1, HP, **f32),
         "wr": torch.stack([point(b.reduce, HP, IP) for b in blocks]) if L else torch.zeros(1, HP, IP, **f32),
         "br": torch.stack([pad1(b.reduce.bias, IP) for b in blocks]) if L else torch.zeros(1, IP, **f32),
@@ -245,8 +251,8 @@ def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") ->
         "w2": w2p.contiguous(), "b2": b2p.contiguous(),
     }
     meta = {"C": C, "L": L, "R": kernel // 2 + 1, "PAD": kernel // 2, "LEVELS": c.levels, "HEAD": head, "G": G,
-            "NMIX": c.n_mix if head == 2 else 1, "CP": CP, "HP": HP, "IP": IP, "OP": OP, "NP": NP, "KP": KP,
-            "T0": p0.taps, "T1": T1, "H": c.height, "W": c.width, "classes": c.num_classes}
+            "NMIX": c.n_mix if head == 2 else 1, "K0P": K0P, "HP": HP, "IP": IP, "OP": OP, "NP": NP, "KP": KP,
+            "K0": K0, "T1": T1, "H": c.height, "W": c.width, "classes": c.num_classes}
     return PackedPixelCNN({k: v.to(device) for k, v in tensors.items()}, meta)
 
 
@@ -287,14 +293,14 @@ def decode(
     lab = labels.to(dev, torch.int64) if labels is not None else torch.zeros(1, dtype=torch.int64, device=dev)
     u = u.to(dev, torch.float64).contiguous()
     grid = (launches_per_batch(b, block_b),)
-    consts = {k: m[k] for k in ("C", "L", "R", "PAD", "LEVELS", "HEAD", "G", "NMIX", "CP", "HP", "IP", "OP", "NP",
+    consts = {k: m[k] for k in ("C", "L", "R", "PAD", "LEVELS", "HEAD", "G", "NMIX", "K0P", "HP", "IP", "OP", "NP",
                                  "KP")}
 
     _pixelcnn_decode_kernel[grid](
         x, u, lab, scratch,
-        t["w0"], t["dy0"], t["dx0"], t["b0"], t["emb"], t["wr"], t["br"], t["wc"], t["dyc"], t["dxc"], t["bc"],
+        t["w0"], t["dy0"], t["dx0"], t["c0"], t["b0"], t["emb"], t["wr"], t["br"], t["wc"], t["dyc"], t["dxc"], t["bc"],
         t["we"], t["be"], t["w1"], t["b1"], t["w2"], t["b2"],
-        b, m["H"], m["W"], m["T0"], m["T1"], start_row if prefix is not None else 0,
+        b, m["H"], m["W"], m["K0"], m["T1"], start_row if prefix is not None else 0,
         HAS_LABELS=labels is not None, BLOCK_B=block_b, **consts,
     )
     return x
