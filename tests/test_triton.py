@@ -172,6 +172,20 @@ def test_fused_decode_matches_reference(channels: int, likelihood: str, levels: 
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("first_kernel,kernel,layers", [(3, 5, 2), (5, 3, 0)])
+def test_fused_decode_other_kernel_sizes(first_kernel: int, kernel: int, layers: int) -> None:
+    """5x5 blocks keep a 3-row ring (12 taps x channels in one product); zero blocks skip the ring."""
+    torch.manual_seed(2)
+    model = build_model("pixelcnn", {"channels": 3, "height": 4, "width": 5, "levels": 4, "likelihood": "categorical",
+                                     "hidden": 6, "layers": layers, "output_hidden": 6, "first_kernel": first_kernel,
+                                     "kernel": kernel}).eval()
+    u = torch.from_numpy(uniforms(5, 0, 2, (4, 5, 3)))
+    out = decode(pack_pixelcnn(model, DEVICE), u).cpu()
+    with torch.no_grad():
+        ref = decode_reference(lambda x, lab: model(x.float(), lab), u, 4)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_fused_decode_completion_keeps_rows_and_fills_caches() -> None:
     torch.manual_seed(1)
     model = build_model("pixelcnn", {"channels": 1, "height": 4, "width": 3, "levels": 4, "hidden": 6,

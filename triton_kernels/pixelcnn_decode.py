@@ -11,7 +11,10 @@ State, per program:
   Ramachandran et al. 2017), in a global scratch tensor; only the taps the mask keeps are read, so slots
   right of or below the current position are never looked at and need no clearing.
 
-Feature widths are padded to powers of two >= 16 (``tl.dot``'s minimum) with zero weights. All arithmetic is
+Each masked convolution is one gather and one product over its kept (tap, input channel) pairs, the weight
+packed as a (pairs, out) matrix: a chain of per-tap products would put one dependent global load and one
+small dot after another on the critical path of every pixel, and latency, not arithmetic, bounds this
+kernel. Widths are padded to powers of two >= 16 (``tl.dot``'s minimum) with zero weights. All arithmetic is
 float32; the uniforms stay float64 for the final comparison. See ``decode_reference`` for the same function
 in plain PyTorch.
 """
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masked_conv import pack_masked_conv
+from .masked_conv import PackedConv, pack_masked_conv
 
 try:
     import triton
@@ -62,15 +65,15 @@ if triton is not None:
         w0_ptr, dy0_ptr, dx0_ptr, c0_ptr, b0_ptr,  # input conv: (K0P, HP) over (tap, channel) pairs, (HP,)
         emb_ptr,  # (classes, HP) label embedding
         wr_ptr, br_ptr,  # reduce 1x1: (L, HP, IP), (L, IP)
-        wc_ptr, dyc_ptr, dxc_ptr, bc_ptr,  # block kxk: (L, T1, IP, IP), taps, (L, IP)
+        wc_ptr, dy1_ptr, dx1_ptr, c1_ptr, bc_ptr,  # block kxk: (L, K1P, IP) over (tap, channel) pairs, (L, IP)
         we_ptr, be_ptr,  # expand 1x1: (L, IP, HP), (L, HP)
         w1_ptr, b1_ptr,  # out1: (HP, OP), (OP,)
         w2_ptr, b2_ptr,  # out2 per channel and head parameter group: (C, G, OP, NP), (C, G, NP)
-        B, H, W, K0, T1, START_ROW,
+        B, H, W, K0, K1, START_ROW,
         C: tl.constexpr, L: tl.constexpr, R: tl.constexpr, PAD: tl.constexpr, LEVELS: tl.constexpr,
         HEAD: tl.constexpr, G: tl.constexpr, NMIX: tl.constexpr, HAS_LABELS: tl.constexpr,
         HP: tl.constexpr, IP: tl.constexpr, OP: tl.constexpr, NP: tl.constexpr,
-        KP: tl.constexpr, K0P: tl.constexpr, BLOCK_B: tl.constexpr,
+        KP: tl.constexpr, K0P: tl.constexpr, K1P: tl.constexpr, BLOCK_B: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -80,6 +83,10 @@ if triton is not None:
         dy0 = tl.load(dy0_ptr + r0)  # the input conv's (tap, channel) pairs, padded past K0
         dx0 = tl.load(dx0_ptr + r0)
         c0 = tl.load(c0_ptr + r0)
+        r1 = tl.arange(0, K1P)
+        dy1 = tl.load(dy1_ptr + r1)  # the blocks' kxk conv: (tap, channel) pairs, padded past K1
+        dx1 = tl.load(dx1_ptr + r1)
+        c1 = tl.load(c1_ptr + r1)
         rh = tl.arange(0, HP)
         ri = tl.arange(0, IP)
         ro = tl.arange(0, OP)
@@ -116,15 +123,15 @@ if triton is not None:
                         l_base = s_base + layer * (IP * R * WS) + ri[None, :] * (R * WS)
                         tl.store(scratch_ptr + l_base + (i % R) * WS + j + PAD, y, mask=b_ok[:, None])
                         tl.debug_barrier()
-                        acc2 = tl.zeros((BLOCK_B, IP), dtype=tl.float32)
-                        for t in range(T1):
-                            yy = i + tl.load(dyc_ptr + t)
-                            xx = j + tl.load(dxc_ptr + t)
-                            inside = b_ok & ((zero_b + yy) >= 0) & ((zero_b + xx) >= 0) & ((zero_b + xx) < W)
-                            tap = tl.load(scratch_ptr + l_base + (yy % R) * WS + xx + PAD,
-                                          mask=inside[:, None] & (ri[None, :] >= 0), other=0.0)
-                            acc2 += _matvec(tap, wc_ptr + (layer * T1 + t) * IP * IP, IP, IP, IP)
-                        z = tl.maximum(acc2 + tl.load(bc_ptr + layer * IP + ri)[None, :], 0.0)
+                        # the kxk conv: all kept (tap, channel) pairs in one gather and one product
+                        yy = i + dy1
+                        xx = j + dx1
+                        ok = (r1 < K1) & (yy >= 0) & (xx >= 0) & (xx < W)  # (K1P,)
+                        taps = tl.load(scratch_ptr + s_base + layer * (IP * R * WS)
+                                       + (c1 * (R * WS) + (yy % R) * WS + xx + PAD)[None, :],
+                                       mask=b_ok[:, None] & ok[None, :], other=0.0)
+                        z = _matvec(taps, wc_ptr + layer * K1P * IP, K1P, IP, IP)
+                        z = tl.maximum(z + tl.load(bc_ptr + layer * IP + ri)[None, :], 0.0)
                         h += _matvec(z, we_ptr + layer * IP * HP, IP, HP, HP)
                         h += tl.load(be_ptr + layer * HP + rh)[None, :]
                     o = _matvec(tl.maximum(h, 0.0), w1_ptr, HP, OP, OP) + tl.load(b1_ptr + ro)[None, :]
@@ -209,25 +216,32 @@ def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") ->
         return pad2(conv.masked_weight()[:, :, 0, 0].t(), r, k)
 
     p0 = pack_masked_conv(model.input_conv.weight.detach(), model.input_conv.mask, model.input_conv.bias)
-    # The input conv as one (tap, channel) x hidden matrix; padding rows are zero and masked off by K0.
-    K0 = p0.taps * C
-    K0P = _p2(K0)
-    w0 = pad2(p0.weight.reshape(K0, -1), K0P, HP)
-    pairs = torch.zeros(3, K0P, dtype=torch.int32)
-    pairs[0, :K0] = p0.dy.cpu().repeat_interleave(C)
-    pairs[1, :K0] = p0.dx.cpu().repeat_interleave(C)
-    pairs[2, :K0] = torch.arange(C, dtype=torch.int32).repeat(p0.taps)
+    def pairs(p: PackedConv, channels: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A masked conv as one (tap, channel) x out matrix, rows padded to a power of two, and the
+        (dy, dx, channel) of each row (padding rows are zero and masked off by the count)."""
+        k = p.taps * channels
+        rows = torch.zeros(3, _p2(k), dtype=torch.int32)
+        rows[0, :k] = p.dy.cpu().repeat_interleave(channels)
+        rows[1, :k] = p.dx.cpu().repeat_interleave(channels)
+        rows[2, :k] = torch.arange(channels, dtype=torch.int32).repeat(p.taps)
+        return p.weight.reshape(k, -1), rows, k
+
+    p0 = pack_masked_conv(model.input_conv.weight.detach(), model.input_conv.mask, model.input_conv.bias)
+    w0, pairs0, K0 = pairs(p0, C)
+    K0P = pairs0.shape[1]
+    w0 = pad2(w0, K0P, HP)
     blocks = list(model.blocks)
     L = len(blocks)
     if L:
-        packs = [pack_masked_conv(b.conv.weight.detach(), b.conv.mask, b.conv.bias) for b in blocks]
-        wc = torch.stack([torch.stack([pad2(w, IP, IP) for w in p.weight]) for p in packs])
-        dyc, dxc, T1 = packs[0].dy, packs[0].dx, packs[0].taps
+        packed = [pairs(pack_masked_conv(b.conv.weight.detach(), b.conv.mask, b.conv.bias), inner) for b in blocks]
+        pairs1, K1 = packed[0][1], packed[0][2]
+        K1P = pairs1.shape[1]
+        wc = torch.stack([pad2(w, K1P, IP) for w, _, _ in packed])
         kernel = blocks[0].conv.kernel_size[0]
     else:
-        wc = torch.zeros(1, 1, IP, IP, **f32)
-        dyc = dxc = torch.zeros(1, dtype=torch.int32)
-        T1, kernel = 0, 1
+        K1, K1P, kernel = 0, 16, 1
+        pairs1 = torch.zeros(3, K1P, dtype=torch.int32)
+        wc = torch.zeros(1, K1P, IP, **f32)
     w2 = model.out2.masked_weight()[:, :, 0, 0].detach()  # (P * C, OH), rows laid out (P, C)
     b2 = model.out2.bias.detach()
     w2p = torch.zeros(C, G, OP, NP, **f32)
@@ -239,11 +253,12 @@ def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") ->
             b2p[ch, g, :per_group] = b2[rows].float()
     emb = model.label_embedding.weight.detach() if model.label_embedding is not None else None
     tensors = {
-        "w0": w0.contiguous(), "dy0": pairs[0], "dx0": pairs[1], "c0": pairs[2], "b0": pad1(model.input_conv.bias, HP),
+        "w0": w0.contiguous(), "dy0": pairs0[0], "dx0": pairs0[1], "c0": pairs0[2],
+        "b0": pad1(model.input_conv.bias, HP),
         "emb": pad2(emb, emb.shape[0], HP) if emb is not None else torch.zeros(1, HP, **f32),
         "wr": torch.stack([point(b.reduce, HP, IP) for b in blocks]) if L else torch.zeros(1, HP, IP, **f32),
         "br": torch.stack([pad1(b.reduce.bias, IP) for b in blocks]) if L else torch.zeros(1, IP, **f32),
-        "wc": wc.contiguous(), "dyc": dyc.to(device), "dxc": dxc.to(device),
+        "wc": wc.contiguous(), "dy1": pairs1[0], "dx1": pairs1[1], "c1": pairs1[2],
         "bc": torch.stack([pad1(b.conv.bias, IP) for b in blocks]) if L else torch.zeros(1, IP, **f32),
         "we": torch.stack([point(b.expand, IP, HP) for b in blocks]) if L else torch.zeros(1, IP, HP, **f32),
         "be": torch.stack([pad1(b.expand.bias, HP) for b in blocks]) if L else torch.zeros(1, HP, **f32),
@@ -251,9 +266,15 @@ def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") ->
         "w2": w2p.contiguous(), "b2": b2p.contiguous(),
     }
     meta = {"C": C, "L": L, "R": kernel // 2 + 1, "PAD": kernel // 2, "LEVELS": c.levels, "HEAD": head, "G": G,
-            "NMIX": c.n_mix if head == 2 else 1, "K0P": K0P, "HP": HP, "IP": IP, "OP": OP, "NP": NP, "KP": KP,
-            "K0": K0, "T1": T1, "H": c.height, "W": c.width, "classes": c.num_classes}
+            "NMIX": c.n_mix if head == 2 else 1, "K0P": K0P, "K1P": K1P, "HP": HP, "IP": IP, "OP": OP, "NP": NP,
+            "KP": KP,
+            "K0": K0, "K1": K1, "H": c.height, "W": c.width, "classes": c.num_classes}
     return PackedPixelCNN({k: v.to(device) for k, v in tensors.items()}, meta)
+
+
+_CONSTEXPRS = ("C", "L", "R", "PAD", "LEVELS", "HEAD", "G", "NMIX", "K0P", "K1P", "HP", "IP", "OP", "NP", "KP")
+_WEIGHTS = ("w0", "dy0", "dx0", "c0", "b0", "emb", "wr", "br", "wc", "dy1", "dx1", "c1", "bc", "we", "be", "w1", "b1",
+            "w2", "b2")  # in the kernel's argument order
 
 
 def launches_per_batch(batch: int, block_b: int = 16) -> int:
@@ -293,14 +314,12 @@ def decode(
     lab = labels.to(dev, torch.int64) if labels is not None else torch.zeros(1, dtype=torch.int64, device=dev)
     u = u.to(dev, torch.float64).contiguous()
     grid = (launches_per_batch(b, block_b),)
-    consts = {k: m[k] for k in ("C", "L", "R", "PAD", "LEVELS", "HEAD", "G", "NMIX", "K0P", "HP", "IP", "OP", "NP",
-                                 "KP")}
+    consts = {k: m[k] for k in _CONSTEXPRS}
 
     _pixelcnn_decode_kernel[grid](
         x, u, lab, scratch,
-        t["w0"], t["dy0"], t["dx0"], t["c0"], t["b0"], t["emb"], t["wr"], t["br"], t["wc"], t["dyc"], t["dxc"], t["bc"],
-        t["we"], t["be"], t["w1"], t["b1"], t["w2"], t["b2"],
-        b, m["H"], m["W"], m["K0"], m["T1"], start_row if prefix is not None else 0,
+        *(t[k] for k in _WEIGHTS),
+        b, m["H"], m["W"], m["K0"], m["K1"], start_row if prefix is not None else 0,
         HAS_LABELS=labels is not None, BLOCK_B=block_b, **consts,
     )
     return x
