@@ -166,10 +166,21 @@ def test_fused_decode_matches_reference(channels: int, likelihood: str, levels: 
                                      "n_mix": 2, "num_classes": classes}).eval()
     u = torch.from_numpy(uniforms(1, 0, 3, (3, 4, channels)))
     labels = torch.tensor([0, 2, 1]) if classes else None
-    out = decode(pack_pixelcnn(model, DEVICE), u, labels=labels).cpu()
+    out, probs = decode(pack_pixelcnn(model, DEVICE), u, labels=labels, return_probs=True)
     with torch.no_grad():
         ref = decode_reference(lambda x, lab: model(x.float(), lab), u, levels, labels)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0)
+    assert_probs_match(model, out, probs, labels)
+
+
+def assert_probs_match(model: torch.nn.Module, out: torch.Tensor, probs: torch.Tensor,
+                       labels: torch.Tensor | None = None) -> None:
+    """The distributions the kernel sampled from == the model's conditionals given the finished image (one
+    forward pass, by causality), to 2e-6: samples alone move only when rounding crosses a CDF edge, so a
+    small error in a cache would pass a sample-equality test unseen."""
+    with torch.no_grad():
+        ref = model(out.cpu().float(), labels).double().exp()
+    torch.testing.assert_close(probs.cpu().double(), ref, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("first_kernel,kernel,layers", [(3, 5, 2), (5, 3, 0)])
@@ -180,10 +191,11 @@ def test_fused_decode_other_kernel_sizes(first_kernel: int, kernel: int, layers:
                                      "hidden": 6, "layers": layers, "output_hidden": 6, "first_kernel": first_kernel,
                                      "kernel": kernel}).eval()
     u = torch.from_numpy(uniforms(5, 0, 2, (4, 5, 3)))
-    out = decode(pack_pixelcnn(model, DEVICE), u).cpu()
+    out, probs = decode(pack_pixelcnn(model, DEVICE), u, return_probs=True)
     with torch.no_grad():
         ref = decode_reference(lambda x, lab: model(x.float(), lab), u, 4)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0)
+    assert_probs_match(model, out, probs)
 
 
 def test_fused_decode_completion_keeps_rows_and_fills_caches() -> None:
@@ -192,8 +204,10 @@ def test_fused_decode_completion_keeps_rows_and_fills_caches() -> None:
                                      "layers": 1, "output_hidden": 5}).eval()
     u = torch.from_numpy(uniforms(2, 0, 2, (4, 3, 1)))
     prefix = torch.randint(0, 4, (2, 1, 4, 3)).float()
-    out = decode(pack_pixelcnn(model, DEVICE), u, prefix=prefix, start_row=2).cpu()
+    out, probs = decode(pack_pixelcnn(model, DEVICE), u, prefix=prefix, start_row=2, return_probs=True)
+    out = out.cpu()
     torch.testing.assert_close(out[:, :, :2], prefix[:, :, :2])
+    assert_probs_match(model, out, probs)  # kept rows too: the caches were filled from the prefix
 
     def forward(x, lab):  # the reference with the same kept rows
         x = x.clone()

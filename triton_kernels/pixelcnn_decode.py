@@ -62,6 +62,7 @@ if triton is not None:
         u_ptr,  # (B, H, W, C) float64 uniforms
         lab_ptr,  # (B,) int64 labels, read only if HAS_LABELS
         scratch_ptr,  # (B, L, IP, R, W + 2 * PAD) float32 ring buffers of the blocks' kxk inputs
+        p_ptr,  # (B, C, H, W, KP) float32 level probabilities, written only if STORE_PROBS
         w0_ptr, dy0_ptr, dx0_ptr, c0_ptr, b0_ptr,  # input conv: (K0P, HP) over (tap, channel) pairs, (HP,)
         emb_ptr,  # (classes, HP) label embedding
         wr_ptr, br_ptr,  # reduce 1x1: (L, HP, IP), (L, IP)
@@ -73,7 +74,7 @@ if triton is not None:
         C: tl.constexpr, L: tl.constexpr, R: tl.constexpr, PAD: tl.constexpr, LEVELS: tl.constexpr,
         HEAD: tl.constexpr, G: tl.constexpr, NMIX: tl.constexpr, HAS_LABELS: tl.constexpr,
         HP: tl.constexpr, IP: tl.constexpr, OP: tl.constexpr, NP: tl.constexpr,
-        KP: tl.constexpr, K0P: tl.constexpr, K1P: tl.constexpr, BLOCK_B: tl.constexpr,
+        KP: tl.constexpr, K0P: tl.constexpr, K1P: tl.constexpr, BLOCK_B: tl.constexpr, STORE_PROBS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -174,6 +175,9 @@ if triton is not None:
                     target = u * total.to(tl.float64)
                     below = (cdf.to(tl.float64) <= target[:, None]) & (rk[None, :] < LEVELS - 1)
                     level = tl.sum(below.to(tl.int32), axis=1)
+                    if STORE_PROBS:  # for tests: the distribution each sample was drawn from
+                        p_off = ((rb * C + kc) * hw + i * W + j) * KP
+                        tl.store(p_ptr + p_off[:, None] + rk[None, :], probs / total[:, None], mask=b_ok[:, None])
                     tl.store(x_ptr + rb * (C * hw) + kc * hw + i * W + j, level.to(tl.float32),
                              mask=b_ok & ((zero_b + i) >= START_ROW))
                     tl.debug_barrier()
@@ -290,11 +294,14 @@ def decode(
     prefix: torch.Tensor | None = None,
     start_row: int = 0,
     block_b: int = 16,
-) -> torch.Tensor:
+    return_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode images: u (B, H, W, C) float64 uniforms -> float32 levels (B, C, H, W).
 
     With ``prefix`` (B, C, H, W) levels and ``start_row``, rows above start_row are kept: the kernel runs
     over them with their known values (filling the caches) without sampling, then samples the rest.
+    ``return_probs`` also returns the level probabilities each sub-pixel was drawn from, (B, C, H, W, levels):
+    samples only move when rounding crosses a CDF edge, so tests compare these to the model's forward pass.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -316,13 +323,16 @@ def decode(
     grid = (launches_per_batch(b, block_b),)
     consts = {k: m[k] for k in _CONSTEXPRS}
 
+    probs = torch.zeros((b, m["C"], m["H"], m["W"], m["KP"]) if return_probs else (1,), dtype=torch.float32,
+                        device=dev)
+
     _pixelcnn_decode_kernel[grid](
-        x, u, lab, scratch,
+        x, u, lab, scratch, probs,
         *(t[k] for k in _WEIGHTS),
         b, m["H"], m["W"], m["K0"], m["K1"], start_row if prefix is not None else 0,
-        HAS_LABELS=labels is not None, BLOCK_B=block_b, **consts,
+        HAS_LABELS=labels is not None, BLOCK_B=block_b, STORE_PROBS=return_probs, **consts,
     )
-    return x
+    return (x, probs[..., : m["LEVELS"]]) if return_probs else x
 
 
 # ---------------------------------------------------------------- reference
