@@ -114,6 +114,24 @@ def test_every_tuning_config_computes_the_same_function(blocks: dict[str, int]) 
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_autotuned_launch_picks_a_config_and_computes_the_same_function() -> None:
+    """The path a GPU takes by default (Triton's autotuner over TUNING_CONFIGS), here timed by wall clock."""
+    from genforge.triton_kernels import masked_conv as mc
+
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x = torch.randn(2, 20, 5, 6, generator=g)
+    w = torch.randn(68, 20, 3, 3, generator=g) * 0.3
+    b = torch.randn(68, generator=g)
+    mask = causal_mask("B", 68, 20, (3, 3))
+    packed = mc.pack_masked_conv(w.to(DEVICE), mask.to(DEVICE), b.to(DEVICE))
+    out = mc.masked_conv2d_packed(x.to(DEVICE), packed, gated=True, autotune=True).cpu()
+    assert mc._masked_conv2d_tuned.best_config in mc.TUNING_CONFIGS
+    ref = masked_conv2d_reference(x.double(), w.double(), mask.double(), b.double(), gated=True).float()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="autotune=True chooses the block sizes"):
+        mc.masked_conv2d_packed(x.to(DEVICE), packed, autotune=True, block_m=16)
+
+
 def test_every_dot_states_its_precision() -> None:
     """The fused decode's samples are too coarse to show tf32 rounding on tiny shapes, so the policy is also
     checked in the source: every tl.dot in triton_kernels/ names its input_precision."""

@@ -13,6 +13,7 @@ Read top to bottom: the kernel, the launcher (checks, packing, allocation, launc
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -120,8 +121,18 @@ if triton is not None:
             (64, 64, 32, 8, 3), (128, 32, 32, 8, 3), (32, 64, 32, 4, 3),
         ]
     ]
+    def _bench(kernel_call, quantiles):  # type: ignore[no-untyped-def]
+        """Triton's timing on a GPU; under the interpreter (tests of the tuned path) one wall-clock run."""
+        if _interpreting():
+            t = time.perf_counter()
+            kernel_call()
+            return [time.perf_counter() - t] * len(quantiles)
+        from triton.testing import do_bench
+
+        return do_bench(kernel_call, quantiles=quantiles)
+
     _masked_conv2d_tuned = triton.autotune(
-        configs=TUNING_CONFIGS, key=["B", "C_in", "H", "W", "C_out", "T", "GATED", "PRECISION"]
+        configs=TUNING_CONFIGS, key=["B", "C_in", "H", "W", "C_out", "T", "GATED", "PRECISION"], do_bench=_bench
     )(_masked_conv2d_kernel)
 
 DEFAULT_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}
@@ -178,10 +189,11 @@ def masked_conv2d_packed(
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    autotune: bool | None = None,
 ) -> torch.Tensor:
     """Run the kernel: x (B, C_in, H, W) -> (B, C_out, H, W), C_out = C_total (or C_total / 2 if gated).
 
-    Block sizes: autotuned on a GPU unless all three are given; DEFAULT_BLOCKS under the interpreter.
+    Block sizes: given, or (``autotune`` None) autotuned on a GPU and DEFAULT_BLOCKS under the interpreter.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -201,7 +213,9 @@ def masked_conv2d_packed(
     for name, v in given.items():
         if v is not None and (v < 16 or v & (v - 1)):
             raise ValueError(f"{name.lower()} must be a power of two >= 16 (tl.dot's minimum), got {v}")
-    tuned = not _interpreting() and all(v is None for v in given.values())
+    if autotune and any(v is not None for v in given.values()):
+        raise ValueError("autotune=True chooses the block sizes; do not pass them too")
+    tuned = autotune if autotune is not None else not _interpreting() and all(v is None for v in given.values())
     blocks = {} if tuned else {k: v if v is not None else DEFAULT_BLOCKS[k] for k, v in given.items()}
     b, c_in, h, w = x.shape
     c_out = packed.out_total // 2 if gated else packed.out_total
