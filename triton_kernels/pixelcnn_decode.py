@@ -57,6 +57,68 @@ if triton is not None:
         return tl.dot(a, w, input_precision="ieee")
 
     @triton.jit
+    def _emit_pixel(h, w1_ptr, b1_ptr, w2_ptr, b2_ptr, x_ptr, u_ptr, p_ptr, rb, b_ok, i, j, kc, H, W, START_ROW,
+                    C: tl.constexpr, LEVELS: tl.constexpr, HEAD: tl.constexpr, G: tl.constexpr, NMIX: tl.constexpr,
+                    HP: tl.constexpr, OP: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BLOCK_B: tl.constexpr,
+                    STORE_PROBS: tl.constexpr):
+        """The output layers and head of sub-pixel (i, j, kc) from the last hidden state h (BB, HP): sample it
+        from its pre-drawn uniform by inverse CDF and store it (and its distribution if STORE_PROBS)."""
+        hw = H * W
+        zero_b = rb * 0
+        ro = tl.arange(0, OP)
+        rn = tl.arange(0, NP)
+        rk = tl.arange(0, KP)
+        kf = rk.to(tl.float32)
+        half = 1.0 / (LEVELS - 1)
+        upper = (2.0 * kf + 1.0) * half - 1.0  # upper bin edge of each level
+        lower = upper - 2.0 * half
+        o = _matvec(tl.maximum(h, 0.0), w1_ptr, HP, OP, OP) + tl.load(b1_ptr + ro)[None, :]
+        o = tl.maximum(o, 0.0)
+        # ---- the head of channel kc: level probabilities (BB, KP), unnormalized
+        q_base = w2_ptr + kc * G * OP * NP
+        qb = b2_ptr + kc * G * NP
+        if HEAD == 0:  # bernoulli: one logit
+            q = _matvec(o, q_base, OP, NP, NP) + tl.load(qb + rn)[None, :]
+            logit = tl.sum(tl.where(rn[None, :] == 0, q, 0.0), axis=1)
+            p1 = _sig(logit)
+            probs = tl.where(rk[None, :] == 1, p1[:, None], 0.0)
+            probs = tl.where(rk[None, :] == 0, 1.0 - p1[:, None], probs)
+        elif HEAD == 1:  # categorical: K logits
+            q = _matvec(o, q_base, OP, NP, NP) + tl.load(qb + rn)[None, :]
+            q = tl.where(rn[None, :] < LEVELS, q, float("-inf"))
+            probs = tl.exp(q - tl.max(q, axis=1)[:, None])
+        else:  # logistic mixture: groups (logits, means, log-scales), NMIX components each
+            pi = _matvec(o, q_base, OP, NP, NP) + tl.load(qb + rn)[None, :]
+            mu = _matvec(o, q_base + OP * NP, OP, NP, NP) + tl.load(qb + NP + rn)[None, :]
+            ls = _matvec(o, q_base + 2 * OP * NP, OP, NP, NP) + tl.load(qb + 2 * NP + rn)[None, :]
+            pi = tl.where(rn[None, :] < NMIX, pi, float("-inf"))
+            wts = tl.exp(pi - tl.max(pi, axis=1)[:, None])
+            wts = wts / tl.sum(wts, axis=1)[:, None]
+            inv_s = tl.exp(-tl.maximum(ls, -7.0))
+            probs = tl.zeros((BLOCK_B, KP), dtype=tl.float32)
+            for m in range(NMIX):
+                sel = rn[None, :] == m
+                mu_m = tl.sum(tl.where(sel, mu, 0.0), axis=1)[:, None]
+                is_m = tl.sum(tl.where(sel, inv_s, 0.0), axis=1)[:, None]
+                w_m = tl.sum(tl.where(sel, wts, 0.0), axis=1)[:, None]
+                cdf_hi = tl.where(rk[None, :] >= LEVELS - 1, 1.0, _sig((upper[None, :] - mu_m) * is_m))
+                cdf_lo = tl.where(rk[None, :] == 0, 0.0, _sig((lower[None, :] - mu_m) * is_m))
+                probs += w_m * (cdf_hi - cdf_lo)
+            probs = tl.where(rk[None, :] < LEVELS, probs, 0.0)
+        # ---- inverse CDF with the pre-drawn uniform, as runtime/decoding.py does
+        cdf = tl.cumsum(probs, axis=1)
+        total = tl.sum(probs, axis=1)
+        u = tl.load(u_ptr + rb * (hw * C) + (i * W + j) * C + kc, mask=b_ok, other=0.0)
+        target = u * total.to(tl.float64)
+        below = (cdf.to(tl.float64) <= target[:, None]) & (rk[None, :] < LEVELS - 1)
+        level = tl.sum(below.to(tl.int32), axis=1)
+        if STORE_PROBS:  # for tests: the distribution each sample was drawn from
+            p_off = ((rb * C + kc) * hw + i * W + j) * KP
+            tl.store(p_ptr + p_off[:, None] + rk[None, :], probs / total[:, None], mask=b_ok[:, None])
+        tl.store(x_ptr + rb * (C * hw) + kc * hw + i * W + j, level.to(tl.float32),
+                 mask=b_ok & ((zero_b + i) >= START_ROW))
+
+    @triton.jit
     def _pixelcnn_decode_kernel(
         x_ptr,  # (B, C, H, W) float32: the images being generated, zero at start (or the kept prefix)
         u_ptr,  # (B, H, W, C) float64 uniforms
@@ -79,7 +141,6 @@ if triton is not None:
         pid = tl.program_id(0)
         rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
         b_ok = rb < B
-        zero_b = rb * 0
         r0 = tl.arange(0, K0P)
         dy0 = tl.load(dy0_ptr + r0)  # the input conv's (tap, channel) pairs, padded past K0
         dx0 = tl.load(dx0_ptr + r0)
@@ -90,19 +151,12 @@ if triton is not None:
         c1 = tl.load(c1_ptr + r1)
         rh = tl.arange(0, HP)
         ri = tl.arange(0, IP)
-        ro = tl.arange(0, OP)
-        rn = tl.arange(0, NP)
-        rk = tl.arange(0, KP)
         hw = H * W
         WS = W + 2 * PAD  # one scratch row
         s_base = rb[:, None] * (L * IP * R * WS)  # (BB, 1)
         if HAS_LABELS:
             lab = tl.load(lab_ptr + rb, mask=b_ok, other=0)
             emb = tl.load(emb_ptr + lab[:, None] * HP + rh[None, :])
-        kf = rk.to(tl.float32)
-        half = 1.0 / (LEVELS - 1)
-        upper = (2.0 * kf + 1.0) * half - 1.0  # upper bin edge of each level
-        lower = upper - 2.0 * half
         for i in range(0, H):  # rows above START_ROW are kept: computed (to fill the caches), not sampled
             for j in range(0, W):
                 for kc in range(0, C):
@@ -136,51 +190,8 @@ if triton is not None:
                         z = tl.maximum(z + tl.load(bc_ptr + layer * IP + ri)[None, :], 0.0)
                         h += _matvec(z, we_ptr + layer * IP * HP, IP, HP, HP)
                         h += tl.load(be_ptr + layer * HP + rh)[None, :]
-                    o = _matvec(tl.maximum(h, 0.0), w1_ptr, HP, OP, OP) + tl.load(b1_ptr + ro)[None, :]
-                    o = tl.maximum(o, 0.0)
-                    # ---- the head of channel kc: level probabilities (BB, KP), unnormalized
-                    q_base = w2_ptr + kc * G * OP * NP
-                    qb = b2_ptr + kc * G * NP
-                    if HEAD == 0:  # bernoulli: one logit
-                        q = _matvec(o, q_base, OP, NP, NP) + tl.load(qb + rn)[None, :]
-                        logit = tl.sum(tl.where(rn[None, :] == 0, q, 0.0), axis=1)
-                        p1 = _sig(logit)
-                        probs = tl.where(rk[None, :] == 1, p1[:, None], 0.0)
-                        probs = tl.where(rk[None, :] == 0, 1.0 - p1[:, None], probs)
-                    elif HEAD == 1:  # categorical: K logits
-                        q = _matvec(o, q_base, OP, NP, NP) + tl.load(qb + rn)[None, :]
-                        q = tl.where(rn[None, :] < LEVELS, q, float("-inf"))
-                        probs = tl.exp(q - tl.max(q, axis=1)[:, None])
-                    else:  # logistic mixture: groups (logits, means, log-scales), NMIX components each
-                        pi = _matvec(o, q_base, OP, NP, NP) + tl.load(qb + rn)[None, :]
-                        mu = _matvec(o, q_base + OP * NP, OP, NP, NP) + tl.load(qb + NP + rn)[None, :]
-                        ls = _matvec(o, q_base + 2 * OP * NP, OP, NP, NP) + tl.load(qb + 2 * NP + rn)[None, :]
-                        pi = tl.where(rn[None, :] < NMIX, pi, float("-inf"))
-                        wts = tl.exp(pi - tl.max(pi, axis=1)[:, None])
-                        wts = wts / tl.sum(wts, axis=1)[:, None]
-                        inv_s = tl.exp(-tl.maximum(ls, -7.0))
-                        probs = tl.zeros((BLOCK_B, KP), dtype=tl.float32)
-                        for m in range(NMIX):
-                            sel = rn[None, :] == m
-                            mu_m = tl.sum(tl.where(sel, mu, 0.0), axis=1)[:, None]
-                            is_m = tl.sum(tl.where(sel, inv_s, 0.0), axis=1)[:, None]
-                            w_m = tl.sum(tl.where(sel, wts, 0.0), axis=1)[:, None]
-                            cdf_hi = tl.where(rk[None, :] >= LEVELS - 1, 1.0, _sig((upper[None, :] - mu_m) * is_m))
-                            cdf_lo = tl.where(rk[None, :] == 0, 0.0, _sig((lower[None, :] - mu_m) * is_m))
-                            probs += w_m * (cdf_hi - cdf_lo)
-                        probs = tl.where(rk[None, :] < LEVELS, probs, 0.0)
-                    # ---- inverse CDF with the pre-drawn uniform, as runtime/decoding.py does
-                    cdf = tl.cumsum(probs, axis=1)
-                    total = tl.sum(probs, axis=1)
-                    u = tl.load(u_ptr + rb * (hw * C) + (i * W + j) * C + kc, mask=b_ok, other=0.0)
-                    target = u * total.to(tl.float64)
-                    below = (cdf.to(tl.float64) <= target[:, None]) & (rk[None, :] < LEVELS - 1)
-                    level = tl.sum(below.to(tl.int32), axis=1)
-                    if STORE_PROBS:  # for tests: the distribution each sample was drawn from
-                        p_off = ((rb * C + kc) * hw + i * W + j) * KP
-                        tl.store(p_ptr + p_off[:, None] + rk[None, :], probs / total[:, None], mask=b_ok[:, None])
-                    tl.store(x_ptr + rb * (C * hw) + kc * hw + i * W + j, level.to(tl.float32),
-                             mask=b_ok & ((zero_b + i) >= START_ROW))
+                    _emit_pixel(h, w1_ptr, b1_ptr, w2_ptr, b2_ptr, x_ptr, u_ptr, p_ptr, rb, b_ok, i, j, kc, H, W,
+                                START_ROW, C, LEVELS, HEAD, G, NMIX, HP, OP, NP, KP, BLOCK_B, STORE_PROBS)
                     tl.debug_barrier()
 
 
@@ -193,88 +204,98 @@ class PackedPixelCNN:
     meta: dict[str, int]
 
 
-def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") -> PackedPixelCNN:
-    """Gather a PixelCNN's masked weights into the padded float32 layout the kernel reads."""
+def _pad2(w: torch.Tensor | None, r: int, k: int) -> torch.Tensor:
+    out = torch.zeros(r, k)
+    if w is not None:
+        out[: w.shape[0], : w.shape[1]] = w.detach().float()
+    return out
+
+
+def _pad1(v: torch.Tensor | None, n: int) -> torch.Tensor:
+    out = torch.zeros(n)
+    if v is not None:
+        out[: v.shape[0]] = v.detach().float()
+    return out
+
+
+def _point(conv: torch.nn.Module, r: int, k: int) -> torch.Tensor:
+    """A 1x1 (masked) convolution as a padded (in, out) matrix."""
+    w = conv.masked_weight() if hasattr(conv, "masked_weight") else conv.weight
+    return _pad2(w[:, :, 0, 0].t(), r, k)
+
+
+def _pairs(conv: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A masked conv as one (tap, input channel) x out matrix over its kept taps, and the (dy, dx, channel) of
+    each row, padded to a power of two (padding rows are masked off in the kernel by the returned count)."""
+    p: PackedConv = pack_masked_conv(conv.weight.detach(), conv.mask, conv.bias)
+    channels = conv.in_channels
+    k = p.taps * channels
+    rows = torch.zeros(3, _p2(k), dtype=torch.int32)
+    rows[0, :k] = p.dy.cpu().repeat_interleave(channels)
+    rows[1, :k] = p.dx.cpu().repeat_interleave(channels)
+    rows[2, :k] = torch.arange(channels, dtype=torch.int32).repeat(p.taps)
+    return p.weight.detach().reshape(k, -1).float().cpu(), rows, k
+
+
+def _pack_head(model: torch.nn.Module, HP: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """out1 and out2 (per channel and head parameter group) for ``_emit_pixel``."""
     c = model.config
-    head = {"bernoulli": 0, "categorical": 1, "logistic-mixture": 2}[c.likelihood]
-    C, hidden, oh = c.channels, c.hidden, c.output_hidden
-    inner = model.blocks[0].conv.in_channels if len(model.blocks) else 1
-    HP, IP, OP = _p2(hidden), _p2(inner), _p2(oh)
-    n_per = model.head.params_per_channel
+    head = HEADS[c.likelihood]
+    C, oh = c.channels, c.output_hidden
     G = 3 if head == 2 else 1
-    per_group = n_per // G
-    NP, KP = _p2(per_group), _p2(c.levels)
-    f32 = dict(dtype=torch.float32, device=device)
-
-    def pad2(w: torch.Tensor, r: int, k: int) -> torch.Tensor:
-        out = torch.zeros(r, k, **f32)
-        out[: w.shape[0], : w.shape[1]] = w.float()
-        return out
-
-    def pad1(v: torch.Tensor | None, n: int) -> torch.Tensor:
-        out = torch.zeros(n, **f32)
-        if v is not None:
-            out[: v.shape[0]] = v.float()
-        return out
-
-    def point(conv: torch.nn.Module, r: int, k: int) -> torch.Tensor:  # 1x1 masked conv as (in, out)
-        return pad2(conv.masked_weight()[:, :, 0, 0].t(), r, k)
-
-    p0 = pack_masked_conv(model.input_conv.weight.detach(), model.input_conv.mask, model.input_conv.bias)
-    def pairs(p: PackedConv, channels: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """A masked conv as one (tap, channel) x out matrix, rows padded to a power of two, and the
-        (dy, dx, channel) of each row (padding rows are zero and masked off by the count)."""
-        k = p.taps * channels
-        rows = torch.zeros(3, _p2(k), dtype=torch.int32)
-        rows[0, :k] = p.dy.cpu().repeat_interleave(channels)
-        rows[1, :k] = p.dx.cpu().repeat_interleave(channels)
-        rows[2, :k] = torch.arange(channels, dtype=torch.int32).repeat(p.taps)
-        return p.weight.reshape(k, -1), rows, k
-
-    p0 = pack_masked_conv(model.input_conv.weight.detach(), model.input_conv.mask, model.input_conv.bias)
-    w0, pairs0, K0 = pairs(p0, C)
-    K0P = pairs0.shape[1]
-    w0 = pad2(w0, K0P, HP)
-    blocks = list(model.blocks)
-    L = len(blocks)
-    if L:
-        packed = [pairs(pack_masked_conv(b.conv.weight.detach(), b.conv.mask, b.conv.bias), inner) for b in blocks]
-        pairs1, K1 = packed[0][1], packed[0][2]
-        K1P = pairs1.shape[1]
-        wc = torch.stack([pad2(w, K1P, IP) for w, _, _ in packed])
-        kernel = blocks[0].conv.kernel_size[0]
-    else:
-        K1, K1P, kernel = 0, 16, 1
-        pairs1 = torch.zeros(3, K1P, dtype=torch.int32)
-        wc = torch.zeros(1, K1P, IP, **f32)
+    per_group = model.head.params_per_channel // G
+    OP, NP = _p2(oh), _p2(per_group)
     w2 = model.out2.masked_weight()[:, :, 0, 0].detach()  # (P * C, OH), rows laid out (P, C)
     b2 = model.out2.bias.detach()
-    w2p = torch.zeros(C, G, OP, NP, **f32)
-    b2p = torch.zeros(C, G, NP, **f32)
+    w2p = torch.zeros(C, G, OP, NP)
+    b2p = torch.zeros(C, G, NP)
     for ch in range(C):
         for g in range(G):
             rows = [(g * per_group + p) * C + ch for p in range(per_group)]
             w2p[ch, g, :oh, :per_group] = w2[rows].t().float()
             b2p[ch, g, :per_group] = b2[rows].float()
-    emb = model.label_embedding.weight.detach() if model.label_embedding is not None else None
+    tensors = {"w1": _point(model.out1, HP, OP), "b1": _pad1(model.out1.bias, OP), "w2": w2p, "b2": b2p}
+    meta = {"C": C, "LEVELS": c.levels, "HEAD": head, "G": G, "NMIX": c.n_mix if head == 2 else 1, "OP": OP,
+            "NP": NP, "KP": _p2(c.levels), "H": c.height, "W": c.width, "classes": c.num_classes}
+    return tensors, meta
+
+
+def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") -> PackedPixelCNN:
+    """Gather a PixelCNN's masked weights into the padded float32 layout the kernel reads."""
+    c = model.config
+    inner = model.blocks[0].conv.in_channels if len(model.blocks) else 1
+    HP, IP = _p2(c.hidden), _p2(inner)
+    w0, pairs0, K0 = _pairs(model.input_conv)
+    K0P = pairs0.shape[1]
+    blocks = list(model.blocks)
+    L = len(blocks)
+    if L:
+        packed = [_pairs(b.conv) for b in blocks]
+        pairs1, K1 = packed[0][1], packed[0][2]
+        K1P = pairs1.shape[1]
+        wc = torch.stack([_pad2(w, K1P, IP) for w, _, _ in packed])
+        kernel = blocks[0].conv.kernel_size[0]
+    else:
+        K1, K1P, kernel = 0, 16, 1
+        pairs1 = torch.zeros(3, K1P, dtype=torch.int32)
+        wc = torch.zeros(1, K1P, IP)
+    emb = model.label_embedding.weight if model.label_embedding is not None else None
+    head, head_meta = _pack_head(model, HP)
     tensors = {
-        "w0": w0.contiguous(), "dy0": pairs0[0], "dx0": pairs0[1], "c0": pairs0[2],
-        "b0": pad1(model.input_conv.bias, HP),
-        "emb": pad2(emb, emb.shape[0], HP) if emb is not None else torch.zeros(1, HP, **f32),
-        "wr": torch.stack([point(b.reduce, HP, IP) for b in blocks]) if L else torch.zeros(1, HP, IP, **f32),
-        "br": torch.stack([pad1(b.reduce.bias, IP) for b in blocks]) if L else torch.zeros(1, IP, **f32),
-        "wc": wc.contiguous(), "dy1": pairs1[0], "dx1": pairs1[1], "c1": pairs1[2],
-        "bc": torch.stack([pad1(b.conv.bias, IP) for b in blocks]) if L else torch.zeros(1, IP, **f32),
-        "we": torch.stack([point(b.expand, IP, HP) for b in blocks]) if L else torch.zeros(1, IP, HP, **f32),
-        "be": torch.stack([pad1(b.expand.bias, HP) for b in blocks]) if L else torch.zeros(1, HP, **f32),
-        "w1": point(model.out1, HP, OP), "b1": pad1(model.out1.bias, OP),
-        "w2": w2p.contiguous(), "b2": b2p.contiguous(),
+        "w0": _pad2(w0, K0P, HP), "dy0": pairs0[0], "dx0": pairs0[1], "c0": pairs0[2],
+        "b0": _pad1(model.input_conv.bias, HP),
+        "emb": _pad2(emb, emb.shape[0], HP) if emb is not None else torch.zeros(1, HP),
+        "wr": torch.stack([_point(b.reduce, HP, IP) for b in blocks]) if L else torch.zeros(1, HP, IP),
+        "br": torch.stack([_pad1(b.reduce.bias, IP) for b in blocks]) if L else torch.zeros(1, IP),
+        "wc": wc, "dy1": pairs1[0], "dx1": pairs1[1], "c1": pairs1[2],
+        "bc": torch.stack([_pad1(b.conv.bias, IP) for b in blocks]) if L else torch.zeros(1, IP),
+        "we": torch.stack([_point(b.expand, IP, HP) for b in blocks]) if L else torch.zeros(1, IP, HP),
+        "be": torch.stack([_pad1(b.expand.bias, HP) for b in blocks]) if L else torch.zeros(1, HP),
+        **head,
     }
-    meta = {"C": C, "L": L, "R": kernel // 2 + 1, "PAD": kernel // 2, "LEVELS": c.levels, "HEAD": head, "G": G,
-            "NMIX": c.n_mix if head == 2 else 1, "K0P": K0P, "K1P": K1P, "HP": HP, "IP": IP, "OP": OP, "NP": NP,
-            "KP": KP,
-            "K0": K0, "K1": K1, "H": c.height, "W": c.width, "classes": c.num_classes}
-    return PackedPixelCNN({k: v.to(device) for k, v in tensors.items()}, meta)
+    meta = {**head_meta, "L": L, "R": kernel // 2 + 1, "PAD": kernel // 2, "K0P": K0P, "K1P": K1P, "HP": HP,
+            "IP": IP, "K0": K0, "K1": K1}
+    return PackedPixelCNN({k: v.contiguous().to(device) for k, v in tensors.items()}, meta)
 
 
 # Compiled for sm_90 (tests/triton_aot.py) the benchmark model's kernel needs ~255 registers a thread at 4 warps
