@@ -30,6 +30,12 @@ def signature(fn: Any, constexprs: dict[str, Any], types: dict[str, str]) -> dic
             for n in fn.arg_names}
 
 
+def pointer_types(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``name_ptr`` types from the packed tensors the launcher passes, so the signature cannot drift."""
+    names = {torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64", torch.float64: "*fp64"}
+    return {f"{k}_ptr": names[v.dtype] for k, v in tensors.items()}
+
+
 def ptxas_stats(ptx: str, arch: int) -> dict[str, int]:
     import triton
 
@@ -66,19 +72,33 @@ def variants() -> list[tuple[str, Any, dict[str, Any], dict[str, str], dict[str,
             types = {**taps, "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "b_ptr": f"*{ty}", "o_ptr": f"*{ty}"}
             name = f"masked_conv {ty} gated={gated} blocks={tuple(blocks.values())} warps={warps} stages={stages}"
             out.append((name, mc._masked_conv2d_kernel, consts, types, {"num_warps": warps, "num_stages": stages}))
-    pairs = {f"{a}{i}_ptr": "*i32" for a in ("dy", "dx", "c") for i in (0, 1)}
     for channels, likelihood, levels, classes, probs in ((1, "bernoulli", 2, 0, False),
                                                          (3, "categorical", 256, 10, True),
                                                          (3, "logistic-mixture", 256, 0, False)):
         model = build_model("pixelcnn", {"channels": channels, "height": 28, "width": 28, "levels": levels,
                                          "likelihood": likelihood, "hidden": 64 if channels == 1 else 96, "layers": 8,
                                          "output_hidden": 64, "num_classes": classes})
-        m = pd.pack_pixelcnn(model).meta
+        packed = pd.pack_pixelcnn(model)
+        m = packed.meta
         consts = {k: m[k] for k in pd._CONSTEXPRS}
         consts.update(HAS_LABELS=bool(classes), BLOCK_B=16, STORE_PROBS=probs)
-        types = {**pairs, "u_ptr": "*fp64", "lab_ptr": "*i64"}
+        types = {**pointer_types(packed.tensors), "u_ptr": "*fp64", "lab_ptr": "*i64"}
         name = f"pixelcnn_decode {likelihood} C={channels} labels={bool(classes)} probs={probs}"
         out.append((name, pd._pixelcnn_decode_kernel, consts, types, {"num_warps": pd.NUM_WARPS}))
+    from genforge.triton_kernels import gated_decode as gd
+
+    for channels, likelihood, levels, classes, probs in ((1, "bernoulli", 2, 0, False),
+                                                         (3, "categorical", 256, 10, True)):
+        model = build_model("gated-pixelcnn", {"channels": channels, "height": 28, "width": 28, "levels": levels,
+                                               "likelihood": likelihood, "hidden": 63 if channels == 3 else 64,
+                                               "layers": 7, "output_hidden": 64, "num_classes": classes})
+        packed = gd.pack_gated_pixelcnn(model)
+        m = packed.meta
+        consts = {k: m[k] for k in gd._CONSTEXPRS}
+        consts.update(HAS_LABELS=bool(classes), BLOCK_B=16, STORE_PROBS=probs)
+        types = {**pointer_types(packed.tensors), "u_ptr": "*fp64", "lab_ptr": "*i64"}
+        name = f"gated_decode {likelihood} C={channels} labels={bool(classes)} probs={probs}"
+        out.append((name, gd._gated_decode_kernel, consts, types, {"num_warps": gd.NUM_WARPS}))
     return out
 
 

@@ -57,6 +57,38 @@ if triton is not None:
         return tl.dot(a, w, input_precision="ieee")
 
     @triton.jit
+    def _gather(src_ptr, base, dy_ptr, dx_ptr, c_ptr, rk, K, i, j, W, b_ok, C_STRIDE, ROW_STRIDE, COL_OFF,
+                RING: tl.constexpr, NORMALIZE: tl.constexpr, LEVELS: tl.constexpr):
+        """Values (BB, len(rk)) of the source at the kept (tap, channel) pairs rk of a masked conv centred on
+        (i, j): pair p reads channel c[p] at row i + dy[p], column j + dx[p] (zero outside the image or past
+        the K pairs). Per image the source starts at ``base`` (BB, 1); a channel spans C_STRIDE, a row
+        ROW_STRIDE; RING > 0: rows live in a ring of RING rows; NORMALIZE: image levels -> [-1, 1]."""
+        y = i + tl.load(dy_ptr + rk)
+        x = j + tl.load(dx_ptr + rk)
+        ok = (rk < K) & (y >= 0) & (x >= 0) & (x < W)
+        if RING > 0:
+            y = y % RING
+        off = tl.load(c_ptr + rk) * C_STRIDE + y * ROW_STRIDE + x + COL_OFF
+        v = tl.load(src_ptr + base + off[None, :], mask=b_ok[:, None] & ok[None, :], other=0.0)
+        if NORMALIZE:
+            v = tl.where(ok[None, :], v * (2.0 / (LEVELS - 1)) - 1.0, 0.0)
+        return v
+
+    @triton.jit
+    def _conv(src_ptr, base, dy_ptr, dx_ptr, c_ptr, w_ptr, K, i, j, W, b_ok, C_STRIDE, ROW_STRIDE, COL_OFF,
+              RING: tl.constexpr, NORMALIZE: tl.constexpr, LEVELS: tl.constexpr, KP: tl.constexpr,
+              KC: tl.constexpr, N: tl.constexpr, BLOCK_B: tl.constexpr):
+        """A masked conv at (i, j): the gathered pairs (see _gather) times W (KP, N), KC pairs at a time so
+        that neither tile outgrows the registers (one 256-pair tile spilled kilobytes in ptxas)."""
+        acc = tl.zeros((BLOCK_B, N), dtype=tl.float32)
+        for k0 in range(0, KP, KC):
+            rk = k0 + tl.arange(0, KC)
+            v = _gather(src_ptr, base, dy_ptr, dx_ptr, c_ptr, rk, K, i, j, W, b_ok, C_STRIDE, ROW_STRIDE, COL_OFF,
+                        RING, NORMALIZE, LEVELS)
+            acc += _matvec(v, w_ptr + k0 * N, KC, N, N)
+        return acc
+
+    @triton.jit
     def _emit_pixel(h, w1_ptr, b1_ptr, w2_ptr, b2_ptr, x_ptr, u_ptr, p_ptr, rb, b_ok, i, j, kc, H, W, START_ROW,
                     C: tl.constexpr, LEVELS: tl.constexpr, HEAD: tl.constexpr, G: tl.constexpr, NMIX: tl.constexpr,
                     HP: tl.constexpr, OP: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -136,39 +168,27 @@ if triton is not None:
         C: tl.constexpr, L: tl.constexpr, R: tl.constexpr, PAD: tl.constexpr, LEVELS: tl.constexpr,
         HEAD: tl.constexpr, G: tl.constexpr, NMIX: tl.constexpr, HAS_LABELS: tl.constexpr,
         HP: tl.constexpr, IP: tl.constexpr, OP: tl.constexpr, NP: tl.constexpr,
-        KP: tl.constexpr, K0P: tl.constexpr, K1P: tl.constexpr, BLOCK_B: tl.constexpr, STORE_PROBS: tl.constexpr,
+        KP: tl.constexpr, K0P: tl.constexpr, K1P: tl.constexpr, KC0: tl.constexpr, KC1: tl.constexpr,
+        BLOCK_B: tl.constexpr, STORE_PROBS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
         b_ok = rb < B
-        r0 = tl.arange(0, K0P)
-        dy0 = tl.load(dy0_ptr + r0)  # the input conv's (tap, channel) pairs, padded past K0
-        dx0 = tl.load(dx0_ptr + r0)
-        c0 = tl.load(c0_ptr + r0)
-        r1 = tl.arange(0, K1P)
-        dy1 = tl.load(dy1_ptr + r1)  # the blocks' kxk conv: (tap, channel) pairs, padded past K1
-        dx1 = tl.load(dx1_ptr + r1)
-        c1 = tl.load(c1_ptr + r1)
         rh = tl.arange(0, HP)
         ri = tl.arange(0, IP)
         hw = H * W
         WS = W + 2 * PAD  # one scratch row
         s_base = rb[:, None] * (L * IP * R * WS)  # (BB, 1)
+        x_base = rb[:, None] * (C * hw)
         if HAS_LABELS:
             lab = tl.load(lab_ptr + rb, mask=b_ok, other=0)
             emb = tl.load(emb_ptr + lab[:, None] * HP + rh[None, :])
         for i in range(0, H):  # rows above START_ROW are kept: computed (to fill the caches), not sampled
             for j in range(0, W):
                 for kc in range(0, C):
-                    # ---- input convolution (mask A): one product over all kept (tap, channel) pairs, gathered
-                    # from the image so far (24 taps x 1 channel is one 32-wide dot, not 24 padded ones)
-                    yy = i + dy0
-                    xx = j + dx0
-                    ok = (r0 < K0) & (yy >= 0) & (xx >= 0) & (xx < W)  # (K0P,)
-                    v = tl.load(x_ptr + rb[:, None] * (C * hw) + (c0 * hw + yy * W + xx)[None, :],
-                                mask=b_ok[:, None] & ok[None, :], other=0.0)
-                    xin = tl.where(ok[None, :], v * (2.0 / (LEVELS - 1)) - 1.0, 0.0)  # zero padding outside
-                    h = _matvec(xin, w0_ptr, K0P, HP, HP) + tl.load(b0_ptr + rh)[None, :]
+                    # ---- input convolution (mask A) over the kept (tap, channel) pairs of the image so far
+                    h = _conv(x_ptr, x_base, dy0_ptr, dx0_ptr, c0_ptr, w0_ptr, K0, i, j, W, b_ok, hw, W, 0, 0, True,
+                              LEVELS, K0P, KC0, HP, BLOCK_B) + tl.load(b0_ptr + rh)[None, :]
                     if HAS_LABELS:
                         h += emb
                     # ---- residual blocks
@@ -178,15 +198,10 @@ if triton is not None:
                         l_base = s_base + layer * (IP * R * WS) + ri[None, :] * (R * WS)
                         tl.store(scratch_ptr + l_base + (i % R) * WS + j + PAD, y, mask=b_ok[:, None])
                         tl.debug_barrier()
-                        # the kxk conv: all kept (tap, channel) pairs in one gather and one product
-                        # (names apart from the input conv's: a compiled loop keeps a variable's shape)
-                        yb = i + dy1
-                        xb = j + dx1
-                        okb = (r1 < K1) & (yb >= 0) & (xb >= 0) & (xb < W)  # (K1P,)
-                        taps = tl.load(scratch_ptr + s_base + layer * (IP * R * WS)
-                                       + (c1 * (R * WS) + (yb % R) * WS + xb + PAD)[None, :],
-                                       mask=b_ok[:, None] & okb[None, :], other=0.0)
-                        z = _matvec(taps, wc_ptr + layer * K1P * IP, K1P, IP, IP)
+                        # the kxk conv over the ring of this block's inputs (rows i - PAD .. i)
+                        z = _conv(scratch_ptr, s_base + layer * (IP * R * WS), dy1_ptr, dx1_ptr, c1_ptr,
+                                  wc_ptr + layer * K1P * IP, K1, i, j, W, b_ok, R * WS, WS, PAD, R, False, LEVELS,
+                                  K1P, KC1, IP, BLOCK_B)
                         z = tl.maximum(z + tl.load(bc_ptr + layer * IP + ri)[None, :], 0.0)
                         h += _matvec(z, we_ptr + layer * IP * HP, IP, HP, HP)
                         h += tl.load(be_ptr + layer * HP + rh)[None, :]
@@ -294,14 +309,16 @@ def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") ->
         **head,
     }
     meta = {**head_meta, "L": L, "R": kernel // 2 + 1, "PAD": kernel // 2, "K0P": K0P, "K1P": K1P, "HP": HP,
-            "IP": IP, "K0": K0, "K1": K1}
+            "IP": IP, "K0": K0, "K1": K1, "KC0": min(K0P, KC), "KC1": min(K1P, KC)}
     return PackedPixelCNN({k: v.contiguous().to(device) for k, v in tensors.items()}, meta)
 
 
 # Compiled for sm_90 (tests/triton_aot.py) the benchmark model's kernel needs ~255 registers a thread at 4 warps
 # and spills ~270 bytes; at 8 warps it spills 4 bytes. One program per SM runs anyway, so more warps cost nothing.
 NUM_WARPS = 8
-_CONSTEXPRS = ("C", "L", "R", "PAD", "LEVELS", "HEAD", "G", "NMIX", "K0P", "K1P", "HP", "IP", "OP", "NP", "KP")
+KC = 64  # (tap, channel) pairs per product in _conv
+_CONSTEXPRS = ("C", "L", "R", "PAD", "LEVELS", "HEAD", "G", "NMIX", "K0P", "K1P", "HP", "IP", "OP", "NP", "KP", "KC0",
+               "KC1")
 _WEIGHTS = ("w0", "dy0", "dx0", "c0", "b0", "emb", "wr", "br", "wc", "dy1", "dx1", "c1", "bc", "we", "be", "w1", "b1",
             "w2", "b2")  # in the kernel's argument order
 
