@@ -10,6 +10,7 @@
      (timed over ``--naive-pixels`` pixels and extrapolated when fewer than the whole image, said so);
    - cached-torch: the runtime's cached loop over the model's incremental form in PyTorch;
    - fused: the Triton kernel, one launch per tile of 16 images for the whole image.
+   The same for a gated PixelCNN of the same width (64 features, a first layer and 8 more), in ``sampling_gated``.
    Images/s, speedups, the fraction of sub-pixels where fused and naive samples agree (float32 vs cuDNN's
    defaults: they may differ where a uniform sits within rounding of a CDF edge), and kernel launches per
    image counted by the profiler.
@@ -144,12 +145,13 @@ def naive_sample(model: torch.nn.Module, u: torch.Tensor, pixels: int) -> torch.
     return x
 
 
-def bench_sampling(device: str, sizes: dict[str, Any], timer: Callable[..., float],
-                   naive_pixels: int | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def bench_sampling(device: str, sizes: dict[str, Any], timer: Callable[..., float], naive_pixels: int | None,
+                   name: str = "pixelcnn") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from genforge.models import build_model
     from genforge.models.incremental import EagerStepper, incremental
     from genforge.runtime.decoding import cached_decode
     from genforge.runtime.randomness import uniforms
+    from genforge.triton_kernels.gated_decode import decode_gated, pack_gated_pixelcnn
     from genforge.triton_kernels.pixelcnn_decode import decode, launches_per_batch, pack_pixelcnn
 
     m = sizes["model"]
@@ -157,8 +159,10 @@ def bench_sampling(device: str, sizes: dict[str, Any], timer: Callable[..., floa
     torch.manual_seed(0)
     config = {"channels": 1, "height": s, "width": s, "levels": 2, "likelihood": "bernoulli", "hidden": m["hidden"],
               "layers": m["layers"], "output_hidden": m["hidden"]}
-    model = build_model("pixelcnn", config).to(device).eval()
-    packed = pack_pixelcnn(model, device)
+    model = build_model(name, config).to(device).eval()
+    gated = name == "gated-pixelcnn"
+    packed = (pack_gated_pixelcnn if gated else pack_pixelcnn)(model, device)
+    decode_fn = decode_gated if gated else decode
     total = s * s
     pixels = total if naive_pixels is None else min(naive_pixels, total)
     rows = []
@@ -167,7 +171,7 @@ def bench_sampling(device: str, sizes: dict[str, Any], timer: Callable[..., floa
         u = torch.from_numpy(u_np).to(device)
 
         def fused(u=u) -> torch.Tensor:
-            return decode(packed, u)
+            return decode_fn(packed, u)
 
         t_fused = timer(fused, warmup=1)
         t_naive = timer(lambda u=u: naive_sample(model, u, pixels), repeats=1, warmup=0) * total / pixels
@@ -193,7 +197,7 @@ def bench_sampling(device: str, sizes: dict[str, Any], timer: Callable[..., floa
                                    "naive": None if step_launches is None else step_launches * total},
         })
         print(json.dumps(rows[-1]), flush=True)
-    return config, rows
+    return {"model": name, **config}, rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         "masked_conv_gated": bench_conv(device, sizes["conv"], timer, args.smoke),
     }
     result["sampling_model"], result["sampling"] = bench_sampling(device, sizes, timer, args.naive_pixels)
+    result["sampling_gated_model"], result["sampling_gated"] = bench_sampling(device, sizes, timer, args.naive_pixels,
+                                                                              "gated-pixelcnn")
     conv, samp = result["masked_conv_gated"], result["sampling"]
     result["goals"] = {
         "masked_conv_min_speedup_vs_eager": min(r["speedup_vs_eager"] for r in conv),

@@ -3,9 +3,10 @@
 - Full forward passes (likelihoods, naive decoding): the model rebuilt from the manifest's config and the
   bundle's safetensors weights, with every masked convolution computed by the masked-conv kernel
   (``triton_kernels/masked_conv.py``), weights packed once at load.
-- Cached decoding of a PixelCNN: the fused kernel (``triton_kernels/pixelcnn_decode.py``), one launch per
-  batch tile for whole images, sampling in the kernel from the same pre-drawn uniforms. Other models decode
-  with their incremental form in PyTorch on the same device (their fused kernel is future work).
+- Cached decoding of a PixelCNN or gated PixelCNN: the fused kernels (``triton_kernels/pixelcnn_decode.py``,
+  ``gated_decode.py``), one launch per batch tile for whole images, sampling in the kernel from the same
+  pre-drawn uniforms. PixelRNNs decode with their incremental form in PyTorch on the same device (their
+  fused kernel is future work).
 
 It needs CUDA, or ``TRITON_INTERPRET=1`` on the CPU (correctness tests only: the interpreter is slow).
 Loading imports genforge.models to rebuild the network from its config; weights load with safetensors, so no
@@ -93,20 +94,24 @@ class TritonBackend:
 
     @property
     def fused(self) -> bool:
-        from genforge.models import PixelCNN
+        from genforge.models import GatedPixelCNN, PixelCNN
 
-        return isinstance(self.model, PixelCNN)
+        return isinstance(self.model, PixelCNN | GatedPixelCNN)
 
     def decode_images(
         self, u: np.ndarray, labels: np.ndarray | None, prefix: np.ndarray | None, start_row: int
     ) -> np.ndarray:
         """Whole images by the fused kernel: u (B, H, W, C) -> uint8 levels (B, H, W, C)."""
+        from genforge.models import PixelCNN
+        from genforge.triton_kernels.gated_decode import decode_gated, pack_gated_pixelcnn
         from genforge.triton_kernels.pixelcnn_decode import decode, pack_pixelcnn
 
         t = self.torch
+        plain = isinstance(self.model, PixelCNN)
         if self._packed is None:
-            self._packed = pack_pixelcnn(self.model, self.device)
+            self._packed = (pack_pixelcnn if plain else pack_gated_pixelcnn)(self.model, self.device)
         lab = None if labels is None else t.from_numpy(np.asarray(labels, dtype=np.int64))
         pre = None if prefix is None else t.from_numpy(prefix.transpose(0, 3, 1, 2).copy())
-        x = decode(self._packed, t.from_numpy(u), labels=lab, prefix=pre, start_row=start_row)
+        x = (decode if plain else decode_gated)(self._packed, t.from_numpy(u), labels=lab, prefix=pre,
+                                                start_row=start_row)
         return x.permute(0, 2, 3, 1).round().to(t.uint8).cpu().numpy()
