@@ -10,7 +10,7 @@ The same plan as ``pixelcnn_decode`` (read that first), for the two stacks of mo
   output is written into a one-row buffer that the next layer reads left of and at the current column;
 - then the output layers, head and sampling shared with ``pixelcnn_decode`` (``_emit_pixel``).
 
-Every masked convolution is one gather and one product over its kept (tap, channel) pairs; the 2h
+Masked convolutions gather their kept (tap, channel) pairs as in ``pixelcnn_decode._conv``; the 2h
 pre-activations are kept as two halves (tanh part, sigmoid part), each padded to HP. ``decode_reference``
 in pixelcnn_decode is the plain reference for both kernels.
 """

@@ -121,6 +121,7 @@ if triton is not None:
             (64, 64, 32, 8, 3), (128, 32, 32, 8, 3), (32, 64, 32, 4, 3),
         ]
     ]
+
     def _bench(kernel_call, quantiles):  # type: ignore[no-untyped-def]
         """Triton's timing on a GPU; under the interpreter (tests of the tuned path) one wall-clock run."""
         if _interpreting():

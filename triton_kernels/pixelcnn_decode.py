@@ -11,12 +11,12 @@ State, per program:
   Ramachandran et al. 2017), in a global scratch tensor; only the taps the mask keeps are read, so slots
   right of or below the current position are never looked at and need no clearing.
 
-Each masked convolution is one gather and one product over its kept (tap, input channel) pairs, the weight
-packed as a (pairs, out) matrix: a chain of per-tap products would put one dependent global load and one
-small dot after another on the critical path of every pixel, and latency, not arithmetic, bounds this
-kernel. Widths are padded to powers of two >= 16 (``tl.dot``'s minimum) with zero weights. All arithmetic is
-float32; the uniforms stay float64 for the final comparison. See ``decode_reference`` for the same function
-in plain PyTorch.
+Each masked convolution gathers its kept (tap, input channel) pairs and multiplies them by the weight packed
+as a (pairs, out) matrix, 64 pairs per product (``_conv``): a chain of per-tap products would put one
+dependent global load and one small dot after another on the critical path of every pixel, and latency, not
+arithmetic, bounds this kernel; larger tiles spill registers. Widths are padded to powers of two >= 16
+(``tl.dot``'s minimum) with zero weights. All arithmetic is float32; the uniforms stay float64 for the final
+comparison. See ``decode_reference`` for the same function in plain PyTorch.
 """
 
 from __future__ import annotations
