@@ -21,6 +21,8 @@ seeds; the chance of such a flip on these sizes is below 1e-4 per test.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -184,7 +186,13 @@ def test_fused_decode_matches_reference(channels: int, likelihood: str, levels: 
                                      "n_mix": 2, "num_classes": classes}).eval()
     u = torch.from_numpy(uniforms(1, 0, 3, (3, 4, channels)))
     labels = torch.tensor([0, 2, 1]) if classes else None
-    out, probs = decode(pack_pixelcnn(model, DEVICE), u, labels=labels, return_probs=True)
+    assert_decodes_like_reference(model, decode, pack_pixelcnn, u, levels, labels)
+
+
+def assert_decodes_like_reference(model: torch.nn.Module, decode_fn: Callable[..., Any], pack_fn: Callable[..., Any],
+                                  u: torch.Tensor, levels: int, labels: torch.Tensor | None = None) -> None:
+    """The fused kernel's images == the plain reference's, exactly, and its distributions match too."""
+    out, probs = decode_fn(pack_fn(model, DEVICE), u, labels=labels, return_probs=True)
     with torch.no_grad():
         ref = decode_reference(lambda x, lab: model(x.float(), lab), u, levels, labels)
     torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0)
@@ -209,11 +217,7 @@ def test_fused_decode_other_kernel_sizes(first_kernel: int, kernel: int, layers:
                                      "hidden": 6, "layers": layers, "output_hidden": 6, "first_kernel": first_kernel,
                                      "kernel": kernel}).eval()
     u = torch.from_numpy(uniforms(5, 0, 2, (4, 5, 3)))
-    out, probs = decode(pack_pixelcnn(model, DEVICE), u, return_probs=True)
-    with torch.no_grad():
-        ref = decode_reference(lambda x, lab: model(x.float(), lab), u, 4)
-    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0)
-    assert_probs_match(model, out, probs)
+    assert_decodes_like_reference(model, decode, pack_pixelcnn, u, 4)
 
 
 def test_fused_decode_completion_keeps_rows_and_fills_caches() -> None:
@@ -257,11 +261,7 @@ def test_fused_gated_decode_matches_reference(channels: int, likelihood: str, le
                                            "first_kernel": first_kernel, "kernel": kernel}).eval()
     u = torch.from_numpy(uniforms(4, 0, 3, (4, 5, channels)))
     labels = torch.tensor([0, 1, 1]) if classes else None
-    out, probs = decode_gated(pack_gated_pixelcnn(model, DEVICE), u, labels=labels, return_probs=True)
-    with torch.no_grad():
-        ref = decode_reference(lambda x, lab: model(x.float(), lab), u, levels, labels)
-    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0)
-    assert_probs_match(model, out, probs, labels)
+    assert_decodes_like_reference(model, decode_gated, pack_gated_pixelcnn, u, levels, labels)
 
 
 def test_fused_gated_decode_completion() -> None:

@@ -72,33 +72,28 @@ def variants() -> list[tuple[str, Any, dict[str, Any], dict[str, str], dict[str,
             types = {**taps, "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "b_ptr": f"*{ty}", "o_ptr": f"*{ty}"}
             name = f"masked_conv {ty} gated={gated} blocks={tuple(blocks.values())} warps={warps} stages={stages}"
             out.append((name, mc._masked_conv2d_kernel, consts, types, {"num_warps": warps, "num_stages": stages}))
-    for channels, likelihood, levels, classes, probs in ((1, "bernoulli", 2, 0, False),
-                                                         (3, "categorical", 256, 10, True),
-                                                         (3, "logistic-mixture", 256, 0, False)):
-        model = build_model("pixelcnn", {"channels": channels, "height": 28, "width": 28, "levels": levels,
-                                         "likelihood": likelihood, "hidden": 64 if channels == 1 else 96, "layers": 8,
-                                         "output_hidden": 64, "num_classes": classes})
-        packed = pd.pack_pixelcnn(model)
-        m = packed.meta
-        consts = {k: m[k] for k in pd._CONSTEXPRS}
-        consts.update(HAS_LABELS=bool(classes), BLOCK_B=16, STORE_PROBS=probs)
-        types = {**pointer_types(packed.tensors), "u_ptr": "*fp64", "lab_ptr": "*i64"}
-        name = f"pixelcnn_decode {likelihood} C={channels} labels={bool(classes)} probs={probs}"
-        out.append((name, pd._pixelcnn_decode_kernel, consts, types, {"num_warps": pd.NUM_WARPS}))
     from genforge.triton_kernels import gated_decode as gd
 
-    for channels, likelihood, levels, classes, probs in ((1, "bernoulli", 2, 0, False),
-                                                         (3, "categorical", 256, 10, True)):
-        model = build_model("gated-pixelcnn", {"channels": channels, "height": 28, "width": 28, "levels": levels,
-                                               "likelihood": likelihood, "hidden": 63 if channels == 3 else 64,
-                                               "layers": 7, "output_hidden": 64, "num_classes": classes})
-        packed = gd.pack_gated_pixelcnn(model)
-        m = packed.meta
-        consts = {k: m[k] for k in gd._CONSTEXPRS}
-        consts.update(HAS_LABELS=bool(classes), BLOCK_B=16, STORE_PROBS=probs)
-        types = {**pointer_types(packed.tensors), "u_ptr": "*fp64", "lab_ptr": "*i64"}
-        name = f"gated_decode {likelihood} C={channels} labels={bool(classes)} probs={probs}"
-        out.append((name, gd._gated_decode_kernel, consts, types, {"num_warps": gd.NUM_WARPS}))
+    decoders = [  # (model, packer, kernel module, kernel, (channels, likelihood, levels, classes, probs) cases)
+        ("pixelcnn", pd.pack_pixelcnn, pd, pd._pixelcnn_decode_kernel,
+         [(1, "bernoulli", 2, 0, False), (3, "categorical", 256, 10, True), (3, "logistic-mixture", 256, 0, False)]),
+        ("gated-pixelcnn", gd.pack_gated_pixelcnn, gd, gd._gated_decode_kernel,
+         [(1, "bernoulli", 2, 0, False), (3, "categorical", 256, 10, True)]),
+    ]
+    for model_name, pack, module, kernel, cases in decoders:
+        for channels, likelihood, levels, classes, probs in cases:
+            # 28x28 models of the benchmark's width and depth; hidden a multiple of 3 for colour
+            model = build_model(model_name, {"channels": channels, "height": 28, "width": 28, "levels": levels,
+                                             "likelihood": likelihood, "hidden": 64 if channels == 1 else 63,
+                                             "layers": 8 if model_name == "pixelcnn" else 7, "output_hidden": 64,
+                                             "num_classes": classes})
+            packed = pack(model)
+            consts = {k: packed.meta[k] for k in module._CONSTEXPRS}
+            consts.update(HAS_LABELS=bool(classes), BLOCK_B=16, STORE_PROBS=probs)
+            types = {**pointer_types(packed.tensors), "u_ptr": "*fp64", "lab_ptr": "*i64"}
+            name = f"{kernel.__name__.strip('_').removesuffix('_kernel')} {likelihood} C={channels} " \
+                   f"labels={bool(classes)} probs={probs}"
+            out.append((name, kernel, consts, types, {"num_warps": module.NUM_WARPS}))
     return out
 
 

@@ -17,19 +17,18 @@ in pixelcnn_decode is the plain reference for both kernels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .pixelcnn_decode import (
     HEADS,
     KC,
+    PackedDecoder,
     _p2,
     _pack_head,
     _pad1,
     _pairs,
     _point,
-    launches_per_batch,
+    launch_inputs,
 )
 
 try:
@@ -170,12 +169,6 @@ if triton is not None:
 # ---------------------------------------------------------------- packing and launch
 
 
-@dataclass
-class PackedGatedPixelCNN:
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, int]
-
-
 def _halves_pad(w: torch.Tensor | None, rows: int, hidden: int, HP: int) -> torch.Tensor:
     """(K, 2h) -> (rows, 2HP): the tanh half at [0, h), the sigmoid half at [HP, HP + h)."""
     out = torch.zeros(rows, 2 * HP)
@@ -186,7 +179,7 @@ def _halves_pad(w: torch.Tensor | None, rows: int, hidden: int, HP: int) -> torc
     return out
 
 
-def pack_gated_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") -> PackedGatedPixelCNN:
+def pack_gated_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") -> PackedDecoder:
     """Gather a gated PixelCNN's masked weights into the padded float32 layout the kernel reads."""
     c = model.config
     h, HP = c.hidden, _p2(c.hidden)
@@ -236,7 +229,7 @@ def pack_gated_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cp
             "KH0": KH0, "KH": KH, "KV0P": pv0.shape[1], "KVP": pv.shape[1], "KH0P": ph0.shape[1], "KHP": phh.shape[1]}
     for name in ("V0", "V", "H0", "H"):  # pairs per product (see pixelcnn_decode._conv)
         meta[f"KC{name}"] = min(KC, meta[f"K{name}P"])
-    return PackedGatedPixelCNN({k: v.contiguous().to(device) for k, v in tensors.items()}, meta)
+    return PackedDecoder.on(tensors, meta, device)
 
 
 _CONSTEXPRS = ("C", "N", "R", "PAD", "LEVELS", "HEAD", "G", "NMIX", "HP", "OP", "NP", "KP", "KV0P", "KVP", "KH0P",
@@ -246,7 +239,7 @@ _WEIGHTS = ("wv0", "dyv0", "dxv0", "cv0", "wv", "dyv", "dxv", "cv", "wh0", "dyh0
 
 
 def decode_gated(
-    packed: PackedGatedPixelCNN,
+    packed: PackedDecoder,
     u: torch.Tensor,
     *,
     labels: torch.Tensor | None = None,
@@ -256,37 +249,21 @@ def decode_gated(
     return_probs: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``pixelcnn_decode.decode`` for a gated PixelCNN: u (B, H, W, C) float64 -> float32 levels (B, C, H, W)."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
+    x, u, lab, probs, grid, start = launch_inputs(packed, u, labels, prefix, start_row, block_b, return_probs)
     m, t = packed.meta, packed.tensors
-    b = u.shape[0]
-    if tuple(u.shape[1:]) != (m["H"], m["W"], m["C"]):
-        raise ValueError(f"uniforms must be (B, {m['H']}, {m['W']}, {m['C']}), got {tuple(u.shape)}")
-    if m["classes"] and labels is None:
-        raise ValueError("this model is class-conditional: pass labels")
-    if block_b < 16 or block_b & (block_b - 1):
-        raise ValueError(f"block_b must be a power of two >= 16, got {block_b}")
-    dev = t["wv0"].device
-    f32 = dict(dtype=torch.float32, device=dev)
-    x = torch.zeros(b, m["C"], m["H"], m["W"], **f32)
-    if prefix is not None and start_row > 0:
-        x[:, :, :start_row] = prefix[:, :, :start_row].to(x)
-    N, HP, W = m["N"], m["HP"], m["W"]
+    b, N, HP, W = x.shape[0], m["N"], m["HP"], m["W"]
+    f32 = dict(dtype=torch.float32, device=x.device)
     vring = torch.zeros(b, N, HP, m["R"], W + 2 * m["PAD"], **f32)
     link = torch.zeros(b, N, 2 * HP, W, **f32)
     hrow = torch.zeros(b, N, HP, W, **f32)
-    probs = torch.zeros((b, m["C"], m["H"], W, m["KP"]) if return_probs else (1,), **f32)
-    lab = labels.to(dev, torch.int64) if labels is not None else torch.zeros(1, dtype=torch.int64, device=dev)
-    u = u.to(dev, torch.float64).contiguous()
-    _gated_decode_kernel[(launches_per_batch(b, block_b),)](
+    _gated_decode_kernel[grid](
         x, u, lab, vring, link, hrow, probs,
         *(t[k] for k in _WEIGHTS),
-        b, m["H"], W, m["KV0"], m["KV"], m["KH0"], m["KH"], start_row if prefix is not None else 0,
-        max(m["classes"], 1),
+        b, m["H"], W, m["KV0"], m["KV"], m["KH0"], m["KH"], start, max(m["classes"], 1),
         HAS_LABELS=labels is not None, BLOCK_B=block_b, STORE_PROBS=return_probs,
         **{k: m[k] for k in _CONSTEXPRS}, num_warps=NUM_WARPS,
     )
     return (x, probs[..., : m["LEVELS"]]) if return_probs else x
 
 
-__all__ = ["HEADS", "PackedGatedPixelCNN", "decode_gated", "pack_gated_pixelcnn"]
+__all__ = ["HEADS", "decode_gated", "pack_gated_pixelcnn"]

@@ -214,9 +214,15 @@ if triton is not None:
 
 
 @dataclass
-class PackedPixelCNN:
+class PackedDecoder:
+    """A model's weights in the padded float32 layout of its fused decode kernel, and the sizes it needs."""
+
     tensors: dict[str, torch.Tensor]
     meta: dict[str, int]
+
+    @classmethod
+    def on(cls, tensors: dict[str, torch.Tensor], meta: dict[str, int], device: torch.device | str) -> PackedDecoder:
+        return cls({k: v.contiguous().to(device) for k, v in tensors.items()}, meta)
 
 
 def _pad2(w: torch.Tensor | None, r: int, k: int) -> torch.Tensor:
@@ -275,7 +281,7 @@ def _pack_head(model: torch.nn.Module, HP: int) -> tuple[dict[str, torch.Tensor]
     return tensors, meta
 
 
-def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") -> PackedPixelCNN:
+def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") -> PackedDecoder:
     """Gather a PixelCNN's masked weights into the padded float32 layout the kernel reads."""
     c = model.config
     inner = model.blocks[0].conv.in_channels if len(model.blocks) else 1
@@ -310,7 +316,7 @@ def pack_pixelcnn(model: torch.nn.Module, device: torch.device | str = "cpu") ->
     }
     meta = {**head_meta, "L": L, "R": kernel // 2 + 1, "PAD": kernel // 2, "K0P": K0P, "K1P": K1P, "HP": HP,
             "IP": IP, "K0": K0, "K1": K1, "KC0": min(K0P, KC), "KC1": min(K1P, KC)}
-    return PackedPixelCNN({k: v.contiguous().to(device) for k, v in tensors.items()}, meta)
+    return PackedDecoder.on(tensors, meta, device)
 
 
 # Compiled for sm_90 (tests/triton_aot.py) the benchmark model's kernel needs ~255 registers a thread at 4 warps
@@ -328,8 +334,35 @@ def launches_per_batch(batch: int, block_b: int = 16) -> int:
     return -(-batch // block_b)
 
 
+def launch_inputs(
+    packed: PackedDecoder, u: torch.Tensor, labels: torch.Tensor | None, prefix: torch.Tensor | None,
+    start_row: int, block_b: int, return_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int], int]:
+    """What every decode kernel takes besides its weights and scratch, after checking the arguments:
+    images x (with the kept prefix rows), uniforms, labels, the probability output, grid and start row."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    m = packed.meta
+    b = u.shape[0]
+    if tuple(u.shape[1:]) != (m["H"], m["W"], m["C"]):
+        raise ValueError(f"uniforms must be (B, {m['H']}, {m['W']}, {m['C']}), got {tuple(u.shape)}")
+    if m["classes"] and labels is None:
+        raise ValueError("this model is class-conditional: pass labels")
+    if block_b < 16 or block_b & (block_b - 1):
+        raise ValueError(f"block_b must be a power of two >= 16, got {block_b}")
+    dev = next(iter(packed.tensors.values())).device
+    x = torch.zeros(b, m["C"], m["H"], m["W"], dtype=torch.float32, device=dev)
+    if prefix is not None and start_row > 0:
+        x[:, :, :start_row] = prefix[:, :, :start_row].to(x)
+    lab = labels.to(dev, torch.int64) if labels is not None else torch.zeros(1, dtype=torch.int64, device=dev)
+    probs = torch.zeros((b, m["C"], m["H"], m["W"], m["KP"]) if return_probs else (1,), dtype=torch.float32,
+                        device=dev)
+    grid = (launches_per_batch(b, block_b),)
+    return x, u.to(dev, torch.float64).contiguous(), lab, probs, grid, start_row if prefix is not None else 0
+
+
 def decode(
-    packed: PackedPixelCNN,
+    packed: PackedDecoder,
     u: torch.Tensor,
     *,
     labels: torch.Tensor | None = None,
@@ -345,35 +378,16 @@ def decode(
     ``return_probs`` also returns the level probabilities each sub-pixel was drawn from, (B, C, H, W, levels):
     samples only move when rounding crosses a CDF edge, so tests compare these to the model's forward pass.
     """
-    if triton is None:
-        raise RuntimeError("triton is not installed")
+    x, u, lab, probs, grid, start = launch_inputs(packed, u, labels, prefix, start_row, block_b, return_probs)
     m, t = packed.meta, packed.tensors
-    b = u.shape[0]
-    if tuple(u.shape[1:]) != (m["H"], m["W"], m["C"]):
-        raise ValueError(f"uniforms must be (B, {m['H']}, {m['W']}, {m['C']}), got {tuple(u.shape)}")
-    if m["classes"] and labels is None:
-        raise ValueError("this model is class-conditional: pass labels")
-    if block_b < 16 or block_b & (block_b - 1):
-        raise ValueError(f"block_b must be a power of two >= 16, got {block_b}")
-    dev = t["w0"].device
-    x = torch.zeros(b, m["C"], m["H"], m["W"], dtype=torch.float32, device=dev)
-    if prefix is not None and start_row > 0:
-        x[:, :, :start_row] = prefix[:, :, :start_row].to(x)
-    scratch = torch.zeros(b, max(m["L"], 1), m["IP"], m["R"], m["W"] + 2 * m["PAD"], dtype=torch.float32, device=dev)
-    lab = labels.to(dev, torch.int64) if labels is not None else torch.zeros(1, dtype=torch.int64, device=dev)
-    u = u.to(dev, torch.float64).contiguous()
-    grid = (launches_per_batch(b, block_b),)
-    consts = {k: m[k] for k in _CONSTEXPRS}
-
-    probs = torch.zeros((b, m["C"], m["H"], m["W"], m["KP"]) if return_probs else (1,), dtype=torch.float32,
-                        device=dev)
-
+    scratch = torch.zeros(x.shape[0], max(m["L"], 1), m["IP"], m["R"], m["W"] + 2 * m["PAD"], dtype=torch.float32,
+                          device=x.device)
     _pixelcnn_decode_kernel[grid](
         x, u, lab, scratch, probs,
         *(t[k] for k in _WEIGHTS),
-        b, m["H"], m["W"], m["K0"], m["K1"], start_row if prefix is not None else 0,
-        HAS_LABELS=labels is not None, BLOCK_B=block_b, STORE_PROBS=return_probs, **consts,
-        num_warps=NUM_WARPS,
+        x.shape[0], m["H"], m["W"], m["K0"], m["K1"], start,
+        HAS_LABELS=labels is not None, BLOCK_B=block_b, STORE_PROBS=return_probs,
+        **{k: m[k] for k in _CONSTEXPRS}, num_warps=NUM_WARPS,
     )
     return (x, probs[..., : m["LEVELS"]]) if return_probs else x
 
@@ -400,4 +414,4 @@ def decode_reference(
     return x.float()
 
 
-__all__ = ["HEADS", "PackedPixelCNN", "decode", "decode_reference", "launches_per_batch", "pack_pixelcnn"]
+__all__ = ["HEADS", "PackedDecoder", "decode", "decode_reference", "launches_per_batch", "pack_pixelcnn"]
