@@ -12,7 +12,12 @@ import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The model registry's names (genforge.models.MODELS; a test ties the two). Spelled out here so that --help
+# and argument errors answer without importing torch, which takes seconds.
+MODEL_CHOICES = ("pixelcnn", "gated-pixelcnn", "row-lstm", "diagonal-bilstm", "autoencoder", "vae", "gan")
 DATASET_CHOICES = ("digits", "binarized-mnist", "mnist", "fashion-mnist", "cifar10", "folder")
+# The runtime's backends (genforge.runtime.BACKENDS, which a test ties to this); gen-sample and gen-eval alike.
+BACKEND_CHOICES = ("auto", "onnx", "torchscript", "triton")
 
 # Exceptions that mean "bad input" rather than a bug: they end the command with one line and exit 1.
 # Matched by name so this module imports neither torch nor onnxruntime.
@@ -22,6 +27,7 @@ CLEAN_ERRORS = (
     "ConfigError",
     "DataError",
     "InputError",
+    "LockError",
     "ExportError",
     "RuntimeBackendError",
     "TrainingError",

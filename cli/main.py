@@ -9,21 +9,15 @@ from pathlib import Path
 
 import click
 
-from .common import DATASET_CHOICES, load_config_file, one_line_errors
+from .common import BACKEND_CHOICES, DATASET_CHOICES, MODEL_CHOICES, load_config_file, one_line_errors
 from .sample import sample_command
-
-
-def _model_choices() -> list[str]:
-    from genforge.models import MODELS
-
-    return list(MODELS)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", type=click.Path(dir_okay=False), callback=load_config_file, is_eager=True,
               expose_value=False, help="JSON file of option values (keys as option names; 'model_config' for "
               "model fields). Flags given on the command line win.")
-@click.option("--model", type=click.Choice(_model_choices()), default="pixelcnn", show_default=True,
+@click.option("--model", type=click.Choice(MODEL_CHOICES), default="pixelcnn", show_default=True,
               help="Model family to train.")
 @click.option("--data", type=click.Choice(DATASET_CHOICES), default="digits", show_default=True,
               help="Data set. 'digits' ships with scikit-learn; the others read --data-path.")
@@ -73,6 +67,9 @@ def _model_choices() -> list[str]:
 @click.option("--samples", "n_samples", type=click.IntRange(min=0), default=64, show_default=True,
               help="Images in the sample grid written each epoch (0: none).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Torch CPU threads; 0: the cores the load average leaves idle (torch's own default, one per "
+              "core, is ~10x slower when other jobs share the cores). OMP_NUM_THREADS, when set, wins over 0.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory [default: runs/MODEL-DATA-N, a new one each run].")
@@ -88,7 +85,10 @@ def train_command(**o: object) -> None:
     from genforge.train import DataSpec, TrainConfig, train_run
     from genforge.train.run import parse_overrides
 
-    extend = {k: o[k] for k in ("epochs", "steps") if o[k] is not None}
+    ctx = click.get_current_context()
+    typed = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.DEFAULT_MAP,
+             click.core.ParameterSource.ENVIRONMENT)
+    explicit = {name for name in o if ctx.get_parameter_source(name) in typed}
     tcfg = TrainConfig(
         epochs=int(o["epochs"] or TrainConfig.epochs), steps=int(o["steps"] or 0),
         batch_size=int(o["batch_size"]), lr=float(o["lr"] or (2e-4 if o["model"] == "gan" else 3e-3)),
@@ -108,13 +108,14 @@ def train_command(**o: object) -> None:
     )
     result = train_run(
         model=str(o["model"]), data=data, model_overrides=parse_overrides(list(o["overrides"])),  # type: ignore[arg-type]
-        train=tcfg, out=o["out"], device=str(o["device"]), resume=bool(o["resume"]), extend=extend,  # type: ignore[arg-type]
-        overwrite=bool(o["overwrite"]), progress=not o["quiet"],
+        train=tcfg, out=o["out"], device=str(o["device"]), resume=bool(o["resume"]), explicit=explicit,  # type: ignore[arg-type]
+        overwrite=bool(o["overwrite"]), progress=not o["quiet"], threads=int(o["threads"]),  # type: ignore[call-overload]
     )
     summary = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
     click.echo(f"run: {result.run_dir} (step {result.steps}) {summary}".rstrip())
     if result.samples is not None:
         click.echo(f"samples: {Path(result.samples)}")
+    click.echo(f"next: gen-export {result.run_dir} --format all -o bundles/{result.run_dir.name}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -140,9 +141,12 @@ def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int,
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("path", type=click.Path())
-@click.option("--data", type=click.Choice(DATASET_CHOICES), default="digits", show_default=True)
-@click.option("--data-path", type=click.Path(), default=None)
-@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test", show_default=True)
+@click.option("--data", type=click.Choice(DATASET_CHOICES), default=None,
+              help="Data set [default: the one the model was trained on, as its run or bundle records].")
+@click.option("--data-path", type=click.Path(), default=None, help="Its files [default: the recorded ones].")
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test", show_default=True,
+              help="Split to score. Splits the data set lacks are carved with the model's own training seed, so "
+              "test and valid are exactly the images it was trained without.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--iw-samples", type=click.IntRange(min=0), default=0, show_default=True,
               help="VAE: importance samples for the NLL estimate (0: ELBO only).")
@@ -153,26 +157,28 @@ def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int,
               help="torchvision Inception-v3 weights (.safetensors or .pth): also report inception_fd/kd.")
 @click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True, help="Score the first N images.")
 @click.option("--levels", type=click.IntRange(2, 256), default=None, help="Quantize the data (default: the model's).")
-@click.option("--image-size", type=int, default=32, show_default=True, help="For --data folder.")
-@click.option("--channels", type=click.Choice(["1", "3"]), default="3", show_default=True, help="For --data folder.")
-@click.option("--backend", type=click.Choice(["auto", "onnx", "torchscript", "triton"]), default="auto",
-              show_default=True, help="For bundles.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=1), default=None, help="For --data folder [default: 32].")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="For --data folder [default: 3].")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True, help="For bundles.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Randomness of the VAE's importance samples and of the quality samples (image i from (seed, i)); "
+              "not of the split, which the model's training seed fixes.")
 @click.option("--quiet", is_flag=True)
 @one_line_errors
-def eval_command(path: str, data: str, data_path: str | None, split: str, batch_size: int, iw_samples: int,
+def eval_command(path: str, data: str | None, data_path: str | None, split: str, batch_size: int, iw_samples: int,
                  quality: bool, quality_samples: int, inception_weights: str | None,
-                 limit: int, levels: int | None, image_size: int, channels: str,
+                 limit: int, levels: int | None, image_size: int | None, channels: str | None,
                  backend: str, seed: int, quiet: bool) -> None:
-    """Evaluate a run directory or a bundle on a data split; prints one JSON object."""
+    """Evaluate a run directory or a bundle on a data split; prints one JSON object (nats_per_image is the
+    negative log-likelihood, -log p(x), averaged over the split's images)."""
     import json
 
-    from genforge.train import DataSpec
     from genforge.train.evaluate import evaluate_path
 
-    spec = DataSpec(name=data, path=data_path, split=split, levels=levels, image_size=image_size,
-                    channels=int(channels))
-    result = evaluate_path(path, spec, batch_size=batch_size, iw_samples=iw_samples, quality=quality,
+    given = {"name": data, "path": data_path, "levels": levels, "image_size": image_size,
+             "channels": None if channels is None else int(channels)}
+    result = evaluate_path(path, {k: v for k, v in given.items() if v is not None}, split=split,
+                           batch_size=batch_size, iw_samples=iw_samples, quality=quality,
                            quality_samples=quality_samples, limit=limit, seed=seed, backend=backend,
                            progress=not quiet, inception_weights=inception_weights)
     click.echo(json.dumps(result, sort_keys=True))

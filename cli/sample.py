@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import one_line_errors
+from .common import BACKEND_CHOICES, one_line_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -17,7 +17,8 @@ from .common import one_line_errors
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Image i's randomness comes from (seed, i): results do not depend on batch size or backend.")
-@click.option("--backend", type=click.Choice(["auto", "onnx", "torchscript"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+              help="auto: triton on CUDA when it imports, else onnx (torch-free), else torchscript.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--decoder", type=click.Choice(["auto", "cached", "naive"]), default="auto", show_default=True,
               help="cached: the incremental form, about one forward pass per image (auto picks it when the bundle "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import secrets
 import shutil
@@ -33,7 +34,7 @@ from torch import nn
 from genforge.models import GAN, VAE, AutoregressiveModel, LatentModel
 from genforge.models.incremental import IncrementalModel, incremental
 from genforge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FORMATS, MANIFEST, read_bundle, sha256_file
-from genforge.runtime.files import atomic_write_json
+from genforge.runtime.files import atomic_write_json, exclusive_lock
 from genforge.train.checkpoint import load_run, save_weights
 
 WEIGHTS = "weights.safetensors"
@@ -288,8 +289,43 @@ def export_run(
         if fmt not in GRAPH_FORMATS:
             raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(GRAPH_FORMATS)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    check_bundle_target(Path(run_dir), out, overwrite=overwrite)
+    with exclusive_lock(out.parent / f".{out.name}.lock", f"bundle directory {out}"):
+        check_bundle_target(Path(run_dir), out, overwrite=overwrite)  # again: it may have changed while unlocked
+        return _export_locked(Path(run_dir), out, formats, opset, tolerance, ema)
+
+
+def check_bundle_target(run_dir: Path, out: Path, *, overwrite: bool) -> None:
+    """``out`` may be written only where nothing but a bundle is lost: never the run being exported (or a
+    directory holding it), never a directory that is not a genforge bundle."""
+    run_abs, out_abs = run_dir.resolve(), out.resolve()
+    if out_abs == run_abs or out_abs in run_abs.parents:
+        raise ExportError(f"{out}: refusing to write the bundle over the run directory {run_dir} it exports from")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
         raise ExportError(f"{out}: output directory exists and is not empty (pass --overwrite)")
+    if not is_bundle_dir(out):
+        raise ExportError(f"{out}: refusing to overwrite a directory that is not a genforge bundle")
+
+
+def is_bundle_dir(path: Path) -> bool:
+    """A directory whose manifest.json names the genforge bundle format (any version, hashes unchecked: an
+    old or damaged bundle may be replaced, a user's other files may not)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT
+
+
+def _export_locked(
+    run_dir: Path, out: Path, formats: tuple[str, ...], opset: int, tolerance: float, ema: bool
+) -> Path:
     model, run = load_run(run_dir, ema=ema)
     model = model.float().cpu().eval()
     # Wrappers in eval mode too: the ONNX exporter restores each wrapper's own mode afterwards, recursively,
@@ -348,7 +384,10 @@ def export_run(
             "parity": parity,
             "opset": opset if "onnx" in formats else None,
             "versions": {"genforge": _version("genforge"), "torch": torch.__version__, "onnx": _version("onnx")},
-            "source": {"run_dir": str(Path(run_dir).resolve()), "ema": ema},
+            # The training data and seed: gen-eval scores the split this model never trained on (carved
+            # splits depend on the seed). Optional; readers ignore what they do not know.
+            "source": {"run_dir": str(Path(run_dir).resolve()), "ema": ema, "data": run.data,
+                       "seed": run.train.get("seed")},
             "weights": WEIGHTS,
             "files": {f: sha256_file(tmp / f) for f in sorted({WEIGHTS} | {g["file"] for g in graphs.values()})},
         }

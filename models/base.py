@@ -7,6 +7,7 @@ model is always rebuilt from its files alone.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,9 +53,28 @@ class ImageConfig:
             raise ConfigError(
                 f"unknown field(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(names))}"
             )
-        cfg = cls(**d)
+        hints = typing.get_type_hints(cls)
+        for key, value in d.items():
+            _check_field_type(cls.__name__, key, value, hints[key])
+        cfg = cls(**{k: float(v) if hints[k] is float else v for k, v in d.items()})
         cfg.validate()
         return cfg
+
+
+def _check_field_type(owner: str, key: str, value: Any, want: Any) -> None:
+    """A config value must have its field's type: JSON's ``true`` is no layer count, ``1e3`` no width."""
+    # bool is a subclass of int in Python, so it is tested first and refused for numeric fields.
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        bool: isinstance(value, bool),
+    }.get(want, True)
+    if not ok:
+        raise ConfigError(f"{key} must be {_TYPE_NAMES.get(want, str(want))} for {owner}, got {value!r}")
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def check_likelihood(likelihood: str, levels: int) -> None:

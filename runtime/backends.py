@@ -84,6 +84,7 @@ class OnnxBackend:
             except Exception as e:  # onnxruntime raises its own exception types for bad graphs
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise BundleError(f"{self.bundle.file(spec)}: onnxruntime cannot load the graph ({first})") from None
+            check_onnx_signature(sess, spec, self.bundle.file(spec))
             active = sess.get_providers()
             if self._explicit == "cuda" and "CUDAExecutionProvider" not in active:
                 raise RuntimeBackendError("device 'cuda' asked for, but onnxruntime could not start CUDA here")
@@ -96,6 +97,23 @@ class OnnxBackend:
 
     def stepper(self) -> Stepper:
         return OnnxStepper(self)
+
+
+def check_onnx_signature(sess: Any, spec: Any, path: Any) -> None:
+    """The ONNX file's real inputs and outputs must be those the manifest declares (names, ranks and every
+    fixed dimension); the exporter may drop an input a graph never reads, so the file may declare fewer."""
+    declared_in = {i["name"]: i["shape"] for i in spec.inputs}
+    real_out = [o.name for o in sess.get_outputs()]
+    if real_out != spec.output_names:
+        raise BundleError(f"{path}: the graph's outputs {real_out} are not the manifest's {spec.output_names}")
+    pairs = [(i, declared_in.get(i.name)) for i in sess.get_inputs()]
+    pairs += [(o, d["shape"]) for o, d in zip(sess.get_outputs(), spec.outputs, strict=True)]
+    for arg, shape in pairs:
+        if shape is None:
+            raise BundleError(f"{path}: the graph takes an input {arg.name!r} that the manifest does not declare")
+        fixed = [(a, b) for a, b in zip(arg.shape, shape, strict=False) if isinstance(a, int) and isinstance(b, int)]
+        if len(arg.shape) != len(shape) or any(a != b for a, b in fixed):
+            raise BundleError(f"{path}: {arg.name!r} has shape {arg.shape} in the graph but {shape} in the manifest")
 
 
 class OnnxStepper:
@@ -233,6 +251,7 @@ class TorchScriptStepper:
 
 
 BACKENDS = ("auto", "onnx", "torchscript", "triton")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _triton_usable(device: str) -> bool:
@@ -251,6 +270,11 @@ def _triton_usable(device: str) -> bool:
 def make_backend(bundle: Bundle, backend: str = "auto", device: str = "auto") -> Backend:
     if backend not in BACKENDS:
         raise RuntimeBackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise RuntimeBackendError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not cuda_visible():
+        # Fail here rather than at the first sample: onnxruntime-gpu lists its CUDA provider on any machine.
+        raise RuntimeBackendError("device 'cuda' asked for, but this machine has no NVIDIA GPU")
     if backend == "auto" and "weights" in bundle.manifest and _triton_usable(device):
         backend = "triton"
     if backend == "triton":

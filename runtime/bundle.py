@@ -127,6 +127,7 @@ def read_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
     for key, g in graphs.items():
         if not isinstance(g, dict) or g.get("format") not in GRAPH_FORMATS or g.get("file") not in files:
             raise BundleError(f"{manifest_path}: graph {key!r} is malformed or names a file not in 'files'")
+    _check_consistency(manifest, manifest_path)
     for name, digest in files.items():
         f = p / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
@@ -136,3 +137,48 @@ def read_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
         if verify_hashes and sha256_file(f) != digest:
             raise BundleError(f"{f}: sha256 does not match the manifest (the file was modified or truncated)")
     return Bundle(p, manifest)
+
+
+FAMILY_GRAPHS = {"autoregressive": ("forward",), "latent": ("encode", "decode"), "gan": ("generate",)}
+FAMILIES = tuple(FAMILY_GRAPHS)
+
+
+def _check_consistency(manifest: dict[str, Any], where: Path) -> None:
+    """The manifest's own fields must agree: family, image, levels and classes with the model config, and
+    with every graph's declared shapes (the graphs' files are authenticated by their hashes, the manifest
+    is not, so an edited field must not quietly reshape what the graphs compute)."""
+    family = manifest["family"]
+    if family not in FAMILIES:
+        raise BundleError(f"{where}: unknown model family {family!r} (this genforge knows {', '.join(FAMILIES)})")
+    have = {key.rsplit(".", 1)[0] for key in manifest["graphs"]}
+    needed = [g for g in FAMILY_GRAPHS[family] if g not in have]
+    if needed:
+        raise BundleError(f"{where}: family {family!r} needs graph(s) {', '.join(needed)}, which the manifest lacks")
+    if family != "autoregressive" and not isinstance(manifest.get("latent_size"), int):
+        raise BundleError(f"{where}: family {family!r} needs an integer latent_size")
+    image, cfg = manifest["image"], manifest["model_config"]
+    try:
+        c, h, w = int(image["channels"]), int(image["height"]), int(image["width"])
+        levels, classes = int(manifest["levels"]), int(manifest.get("num_classes") or 0)
+    except (TypeError, KeyError, ValueError) as e:
+        raise BundleError(f"{where}: malformed image or levels field ({e})") from None
+    if not isinstance(cfg, dict):
+        raise BundleError(f"{where}: model_config must be an object")
+    for key, value in (("channels", c), ("height", h), ("width", w), ("levels", levels), ("num_classes", classes)):
+        if key in cfg and cfg[key] != value:
+            raise BundleError(f"{where}: the manifest says {key} {value} but its model_config says {cfg[key]}")
+    # Shapes after the batch dimension that a graph input or output of this name must have.
+    expected = {"x": [c, h, w], "x_mean": [c, h, w], "x_row": [c, w], "x_prev_row": [c, w]}
+    for key, g in manifest["graphs"].items():
+        for spec in [*g.get("inputs", []), *g.get("outputs", [])]:
+            if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list) or "name" not in spec:
+                raise BundleError(f"{where}: graph {key!r} has a malformed input or output entry")
+            name, shape = spec["name"], spec["shape"]
+            want = expected.get(name)
+            if name == "log_probs":
+                ok = len(shape) >= 3 and shape[1] == c and shape[-1] == levels
+            else:
+                ok = want is None or shape[1:] == want
+            if not ok:
+                raise BundleError(f"{where}: graph {key!r} declares {name} of shape {shape}, which does not fit the "
+                                  f"manifest's image (height {h}, width {w}, channels {c}) with {levels} levels")

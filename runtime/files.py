@@ -1,5 +1,5 @@
-"""Atomic file writes (temp file in the same directory, fsync, rename, fsync of the directory) and PNG
-grids; torch-free, shared by training, export and sampling."""
+"""Atomic file writes (temp file in the same directory, fsync, rename, fsync of the directory), exclusive
+locks on output directories, and PNG grids; torch-free, shared by training, export and sampling."""
 
 from __future__ import annotations
 
@@ -50,6 +50,43 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+LOCK_FILE = ".genforge.lock"
+
+
+class LockError(RuntimeError):
+    """Another process holds the lock of a directory this one wants to write."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``lock_path`` (created if needed) for the block; a second holder
+    gets a LockError at once rather than waiting, so two writers never interleave one directory.
+
+    The lock file is never removed: unlinking it while another process has it open would let a third one
+    lock a fresh file of the same name, and both would believe they hold the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks; writes stay atomic, only the guard is missing
+        yield
+        return
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LockError(f"{what} is in use by another genforge process (pid {holder}); wait for it to end") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock, also when the process is killed
 
 
 def to_display(images: np.ndarray, levels: int) -> np.ndarray:
@@ -107,6 +144,16 @@ def read_images_npz(path: str | Path) -> np.ndarray:
     """The uint8 (N, H, W, C) array under ``images`` in a .npz (what gen-sample writes)."""
     from .bundle import BundleError
 
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read ({e.strerror})") from None
+    if magic.startswith(b"\x93NUMPY"):
+        raise BundleError(f"{path}: a bare .npy array; expected a .npz archive with an 'images' array "
+                          "(np.savez(path, images=array), or what gen-sample -o X.npz writes)")
+    if not magic.startswith(b"PK"):
+        raise BundleError(f"{path}: not a .npz archive (a zip of .npy arrays, as gen-sample -o X.npz writes)")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "images" not in z.files:

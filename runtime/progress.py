@@ -16,9 +16,11 @@ class Progress:
     and at the end, so logs stay readable. ``enabled=False`` prints nothing.
     """
 
-    def __init__(self, total: int, desc: str, *, enabled: bool = True, interval: float = 10.0) -> None:
+    def __init__(self, total: int, desc: str, *, enabled: bool = True, interval: float = 10.0,
+                 initial: int = 0) -> None:
         self.total, self.desc, self.enabled, self.interval = total, desc, enabled, interval
-        self.n = 0
+        self.n = initial
+        self._initial = initial  # work done before this process started (a resumed run): not in the rate
         self._bar: Any = None
         self._start = self._last = time.monotonic()
         self._postfix: dict[str, Any] = {}
@@ -26,7 +28,7 @@ class Progress:
             try:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
+                self._bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True, initial=initial)
             except ImportError:  # tqdm is optional for the torch-free runtime
                 self._bar = None
 
@@ -48,7 +50,12 @@ class Progress:
     def _line(self) -> None:
         elapsed = time.monotonic() - self._start
         extra = " ".join(f"{k}={_fmt(v)}" for k, v in self._postfix.items())
-        print(f"{self.desc}: {self.n}/{self.total} [{elapsed:.1f}s] {extra}".rstrip(), file=sys.stderr, flush=True)
+        done = self.n - self._initial
+        left = ""
+        if 0 < done and self.n < self.total:  # the remaining time at the rate so far
+            left = f", ~{_duration(elapsed / done * (self.total - self.n))} left"
+        print(f"{self.desc}: {self.n}/{self.total} [{elapsed:.1f}s{left}] {extra}".rstrip(), file=sys.stderr,
+              flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -60,6 +67,12 @@ class Progress:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _fmt(v: Any) -> str:

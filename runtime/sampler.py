@@ -3,6 +3,8 @@ decoding loop itself is in decoding.py and the graphs run in a backend."""
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from .backends import Backend
@@ -15,6 +17,18 @@ from .randomness import normals, uniforms
 
 class InputError(ValueError):
     """Arguments that do not fit the bundle (image shape, levels, labels)."""
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class Sampler:
@@ -46,6 +60,26 @@ class Sampler:
         if arr.size and (arr.min() < 0 or arr.max() >= self.num_classes):
             raise InputError(f"labels must lie in [0, {self.num_classes - 1}]")
         return arr
+
+    def check_request(self, n: object, seed: object, batch_size: object, start: object = 0) -> int:
+        """Validate the arguments every sample() takes, and that the result fits in memory; returns n."""
+        for name, value, low in (("n", n, 0), ("seed", seed, 0), ("batch_size", batch_size, 1), ("start", start, 0)):
+            # numbers.Integral covers numpy integers; bool is excluded (True is no image count).
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise InputError(f"{name} must be an integer, got {value!r}")
+            if value < low:
+                raise InputError(f"{name} must be >= {low}, got {value}")
+        h, w, c = self.image_shape
+        need = int(n) * h * w * c  # the uint8 result; batches of random numbers come on top, one at a time
+        batch = min(int(n), int(batch_size)) * h * w * c * 8 * 4  # float64 uniforms and working arrays
+        available = available_memory()
+        if available is not None and need + batch > available:
+            raise InputError(
+                f"{n} images of {h}x{w}x{c} need {(need + batch) / 2**30:.3g} GiB, more than the "
+                f"{available / 2**30:.3g} GiB of memory available; draw fewer at a time (start= continues the "
+                "same sequence) or lower batch_size"
+            )
+        return int(n)
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
@@ -130,7 +164,7 @@ class AutoregressiveSampler(Sampler):
     ) -> np.ndarray:
         """Keep the first ``rows`` rows of each image and sample the rest: uint8 (N, H, W, C)."""
         images = self.check_images(images)
-        if not 0 <= rows <= self.image_shape[0]:
+        if not isinstance(rows, numbers.Integral) or isinstance(rows, bool) or not 0 <= rows <= self.image_shape[0]:
             raise InputError(f"rows must be in [0, {self.image_shape[0]}], got {rows}")
         return self._generate(len(images), images, rows, seed, batch_size, labels, start, decoder, progress)
 
@@ -138,8 +172,7 @@ class AutoregressiveSampler(Sampler):
         self, n: int, prefix: np.ndarray | None, rows: int, seed: int, batch_size: int,
         labels: np.ndarray | list[int] | None, start: int, decoder: str, progress: bool,
     ) -> np.ndarray:
-        if n < 0:
-            raise InputError(f"n must be >= 0, got {n}")
+        n = self.check_request(n, seed, batch_size, start)
         decoder = self._check_decoder(decoder)
         h, w, c = self.image_shape
         lab = self.resolve_labels(n, labels, start)
@@ -229,8 +262,7 @@ class LatentSampler(Sampler):
         start: int = 0, mode: str = "mean", progress: bool = False,
     ) -> np.ndarray:
         """n images from z = mean + std * eps, eps ~ N(0, I) drawn from (seed, start + i): (n, H, W, C)."""
-        if n < 0:
-            raise InputError(f"n must be >= 0, got {n}")
+        n = self.check_request(n, seed, batch_size, start)
         eps = normals(seed, start, start + n, self.latent_size) if n else np.zeros((0, self.latent_size))
         z = self.prior_mean + self.prior_std * eps
         with Progress(n, "sample", enabled=progress) as bar:
@@ -292,8 +324,7 @@ class GANSampler(Sampler):
         self, n: int, *, seed: int = 0, batch_size: int = 64, labels: np.ndarray | list[int] | None = None,
         start: int = 0, progress: bool = False,
     ) -> np.ndarray:
-        if n < 0:
-            raise InputError(f"n must be >= 0, got {n}")
+        n = self.check_request(n, seed, batch_size, start)
         z = normals(seed, start, start + n, self.latent_size) if n else np.zeros((0, self.latent_size))
         with Progress(n, "sample", enabled=progress) as bar:
             out = self.generate(z, labels=labels, batch_size=batch_size, start=start)

@@ -179,7 +179,8 @@ def test_export_fails_when_parity_fails(runs, tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(exporter, "_run_exported", lambda *a: [o + 1e-3 for o in real(*a)])
     with pytest.raises(ExportError, match=r"differs from eager PyTorch by 0\.001"):
         export_run(run, tmp_path / "b")
-    assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []  # no half-written bundle
+    # No half-written bundle; only the (empty) lock file of the bundle path stays, as it must (files.exclusive_lock).
+    assert not (tmp_path / "b").exists() and [p.name for p in tmp_path.iterdir()] == [".b.lock"]
 
 
 def test_cli_export_and_sample(runs, tmp_path: Path) -> None:
@@ -238,8 +239,8 @@ def test_onnx_path_runs_with_torch_blocked(runs, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not os.environ.get("GENFORGE_TORCHFREE_PYTHON"),
-                    reason="set GENFORGE_TORCHFREE_PYTHON to a python with numpy+onnxruntime+genforge only "
-                           "(.ci/run builds one)")
+                    reason="set GENFORGE_TORCHFREE_PYTHON to the python of a venv with `pip install -e .` "
+                           "(the runtime alone; .ci/run builds one)")
 def test_onnx_path_in_an_environment_without_torch(runs, tmp_path: Path) -> None:
     python = os.environ["GENFORGE_TORCHFREE_PYTHON"]
     probe = subprocess.run([python, "-c", "import torch"], capture_output=True)
@@ -249,6 +250,12 @@ def test_onnx_path_in_an_environment_without_torch(runs, tmp_path: Path) -> None
     script.write_text(SAMPLE_SCRIPT.format(guard=""))
     subprocess.run([python, str(script), str(bundle), str(tmp_path / "o.npy")], check=True)
     np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), load(bundle).sample(4, seed=11))
+    # The console script too: `pip install genforge` alone (numpy, onnxruntime, click, ...) runs gen-sample.
+    gen_sample = Path(python).parent / "gen-sample"
+    subprocess.run([str(gen_sample), str(bundle), "-n", "4", "--seed", "11", "--quiet", "-o", str(tmp_path / "s.npz")],
+                   check=True)
+    with np.load(tmp_path / "s.npz") as z:
+        np.testing.assert_array_equal(z["images"], load(bundle).sample(4, seed=11))
 
 
 def test_gen_sample_command_runs_with_torch_blocked(runs, tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ class ImageData:
     labels: np.ndarray | None
     levels: int
     num_classes: int = 0
+    origin: str = "the data set's own split"  # where the split came from (carved ones say how)
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -64,7 +65,7 @@ class ImageData:
 
     def subset(self, index: np.ndarray) -> ImageData:
         labels = None if self.labels is None else self.labels[index]
-        return ImageData(self.images[index], labels, self.levels, self.num_classes)
+        return ImageData(self.images[index], labels, self.levels, self.num_classes, self.origin)
 
 
 # ---------------------------------------------------------------- readers of single files
@@ -305,7 +306,9 @@ def _carve(splits: dict[str, ImageData], seed: int, fraction: float = 0.1) -> di
     out = dict(splits)
     for i, split in enumerate(missing):
         out[split] = base.subset(np.sort(perm[i * n_hold : (i + 1) * n_hold]))
+        out[split].origin = f"carved from the training set with seed {seed}"
     out["train"] = base.subset(np.sort(perm[len(missing) * n_hold :]))
+    out["train"].origin = f"the training set less the carved {' and '.join(missing)} split (seed {seed})"
     return out
 
 
@@ -318,7 +321,7 @@ def quantize(data: ImageData, levels: int) -> ImageData:
     if levels > data.levels:
         raise DataError(f"cannot quantize data with {data.levels} levels to more levels ({levels})")
     q = (data.images.astype(np.int64) * levels) // data.levels
-    return ImageData(q.astype(np.uint8), data.labels, levels, data.num_classes)
+    return ImageData(q.astype(np.uint8), data.labels, levels, data.num_classes, data.origin)
 
 
 def load_dataset(

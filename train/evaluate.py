@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from genforge.runtime.bundle import MANIFEST
 from genforge.runtime.progress import Progress, chunks
 from genforge.runtime.randomness import normals
 
-from .checkpoint import CONFIG_FILE, load_run
+from .checkpoint import CONFIG_FILE, load_run, read_run_config
 from .data import ImageData
 from .objectives import objective_for
 from .quality import sample_quality, train_feature_net
@@ -43,6 +43,7 @@ class Scorer:
     decode: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None  # z -> log-probs or x_mean
     sample: Callable[[int, int, np.ndarray | None], np.ndarray] | None = None  # (n, seed, labels) -> images
     is_vae: bool = False
+    bundle_source: dict[str, Any] = field(default_factory=dict)  # a bundle's record of its run (data, seed)
 
 
 def _eager_scorer(run_dir: Path) -> Scorer:
@@ -96,8 +97,10 @@ def _bundle_scorer(path: Path, backend: str) -> Scorer:
     def sample(n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
         return s.sample(n, seed=seed, labels=labels)  # type: ignore[attr-defined]
 
+    src = dict(s.bundle.manifest.get("source") or {})
     if isinstance(s, AutoregressiveSampler):
-        return Scorer(family, cfg, log_probs=lambda x, y: s.forward(x.astype(np.float32), y), sample=sample)
+        return Scorer(family, cfg, log_probs=lambda x, y: s.forward(x.astype(np.float32), y), sample=sample,
+                      bundle_source=src)
     if isinstance(s, LatentSampler):
         def encode(x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
             return s.encode(x.transpose(0, 2, 3, 1).astype(np.uint8), labels=y)
@@ -106,8 +109,8 @@ def _bundle_scorer(path: Path, backend: str) -> Scorer:
             feed = {"z": z.astype(np.float32), **({"labels": y} if y is not None else {})}
             return s.backend.run("decode", feed)[0]
 
-        return Scorer(family, cfg, encode=encode, decode=decode, sample=sample, is_vae=s.is_vae)
-    return Scorer(family, cfg, sample=sample)
+        return Scorer(family, cfg, encode=encode, decode=decode, sample=sample, is_vae=s.is_vae, bundle_source=src)
+    return Scorer(family, cfg, sample=sample, bundle_source=src)
 
 
 def _picked(log_probs: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -185,8 +188,9 @@ def _vae_terms(scorer: Scorer, x: np.ndarray, y: np.ndarray | None, mean: np.nda
 
 def evaluate_path(
     path: str | Path,
-    data: DataSpec,
+    data: dict[str, Any] | None = None,
     *,
+    split: str = "test",
     batch_size: int = 64,
     iw_samples: int = 0,
     quality: bool = False,
@@ -197,41 +201,80 @@ def evaluate_path(
     progress: bool = False,
     inception_weights: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run directory or a bundle on ``data.split``. ``inception_weights``: also the distances in
-    Inception-v3 feature space (implies ``quality``)."""
+    """Evaluate a run directory or a bundle on ``split`` of its data.
+
+    ``data``: DataSpec fields to use instead of the ones the model records (``name``, ``path``, ``levels``,
+    ``image_size``, ``channels``); by default the data set the model was trained on. Splits a data set
+    lacks are carved with the training seed the model records, so the scored split is exactly the one the
+    model was trained without. ``seed`` drives the VAE's importance samples and the quality samples only.
+    ``inception_weights``: also the distances in Inception-v3 feature space (implies ``quality``)."""
     p = Path(path)
     if (p / MANIFEST).is_file():
         scorer, kind = _bundle_scorer(p, backend), "bundle"
+        source = scorer.bundle_source
     elif (p / CONFIG_FILE).is_file():
         scorer, kind = _eager_scorer(p), "run"
+        run = read_run_config(p)
+        source = {"data": run.data, "seed": run.train.get("seed")}
     else:
         raise UsageError(f"{p}: neither a run directory (config.json) nor a bundle (manifest.json)")
+    spec, split_seed, trained_on = eval_data(source, dict(data or {}), seed, f"{p}")
     levels = int(scorer.config["levels"])
-    split = data.load(data.split, seed)
-    if data.levels is None and split.levels != levels:
-        split = DataSpec(**{**vars(data), "levels": levels}).load(data.split, seed)
-    check_data_matches(scorer.config, split, data.split)
+    if spec.levels is None:
+        spec.levels = levels
+    ds = spec.load(split, split_seed)
+    check_data_matches(scorer.config, ds, split)
     if limit:
-        split = split.subset(np.arange(min(limit, len(split))))
-    out: dict[str, Any] = {"path": str(p), "kind": kind, "family": scorer.family, "data": data.name,
-                           "split": data.split, "images": len(split)}
-    out.update(score_likelihoods(scorer, split, batch_size=batch_size, iw_samples=iw_samples, seed=seed,
+        ds = ds.subset(np.arange(min(limit, len(ds))))
+    out: dict[str, Any] = {"path": str(p), "kind": kind, "family": scorer.family, "data": spec.name,
+                           "split": split, "split_origin": ds.origin, "split_seed": split_seed, "images": len(ds)}
+    if trained_on and split == source["data"].get("split", "train"):
+        out["warning"] = f"the model was trained on this split ({split}): these are not held-out scores"
+    out.update(score_likelihoods(scorer, ds, batch_size=batch_size, iw_samples=iw_samples, seed=seed,
                                  progress=progress))
     if quality or inception_weights is not None:
         if scorer.sample is None:
             raise UsageError("this model does not sample: no sample-quality metric")
-        train = data.load("train", seed)
-        if train.levels != levels:
-            train = DataSpec(**{**vars(data), "levels": levels}).load("train", seed)
-        n = min(quality_samples, len(split))
-        labels = split.labels[:n] if scorer.config.get("num_classes") and split.labels is not None else None
+        train = spec.load("train", split_seed)
+        n = min(quality_samples, len(ds))
+        labels = ds.labels[:n] if scorer.config.get("num_classes") and ds.labels is not None else None
         generated = scorer.sample(n, seed, labels)
-        report = sample_quality(train_feature_net(train, seed=seed), generated, split.images[:n], levels)
+        report = sample_quality(train_feature_net(train, seed=seed), generated, ds.images[:n], levels)
         out.update({**report.to_dict(), "quality_samples": n,
                     "quality_note": "features of a small classifier trained here; not comparable to Inception FID"})
         if inception_weights is not None:
             from .inception import load_inception
 
-            out.update(sample_quality(load_inception(inception_weights), generated, split.images[:n],
+            out.update(sample_quality(load_inception(inception_weights), generated, ds.images[:n],
                                       levels).to_dict("inception_"))
     return out
+
+
+_DATA_FIELDS = ("name", "path", "levels", "image_size", "channels")
+
+
+def eval_data(source: dict[str, Any], given: dict[str, Any], seed: int, what: str) -> tuple[DataSpec, int, bool]:
+    """The data to score and the seed its missing splits are carved with; True when it is the data set the
+    model was trained on (then the training seed carves, whatever ``seed`` is)."""
+    recorded = source.get("data")
+    unknown = sorted(set(given) - set(_DATA_FIELDS))
+    if unknown:
+        raise UsageError(f"unknown data field(s) {', '.join(unknown)}; known: {', '.join(_DATA_FIELDS)}")
+    if not recorded:
+        if "name" not in given:
+            raise UsageError(f"{what} does not record the data it was trained on: pass --data (and --data-path)")
+        return DataSpec(**given), seed, False
+    name = given.get("name", recorded["name"])
+    path = given.get("path", recorded.get("path"))
+    same = name == recorded["name"] and _same_file(path, recorded.get("path"))
+    fields = {"name": name, **({k: recorded.get(k) for k in _DATA_FIELDS} if same else {}), **given}
+    train_seed = source.get("seed")
+    if same and train_seed is None:
+        raise UsageError(f"{what} does not record its training seed, so its held-out split cannot be rebuilt")
+    return DataSpec(**fields), int(train_seed) if same else seed, same
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a == b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()

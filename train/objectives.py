@@ -226,13 +226,12 @@ class GANObjective:
                    "d_real": float(torch.sigmoid(d_real.detach()).mean()),
                    "d_fake": float(torch.sigmoid(d_fake.detach()).mean())}
         if not all(math.isfinite(v) for v in metrics.values()):
-            raise TrainingError(f"the GAN losses became non-finite at step {step} ({metrics}); the last checkpoint "
-                                "is intact (lower --lr)")
+            raise TrainingError(f"the GAN losses became non-finite at step {step} ({metrics}) (lower --lr)")
         spread = float(fake.detach().std(0).mean()) if len(fake) > 1 else 1.0
         self.flat_steps = self.flat_steps + 1 if spread < 1e-3 else 0
         if self.flat_steps >= 50:
             raise TrainingError(f"mode collapse at step {step}: generated images have not varied for 50 steps "
-                                "(spread {spread:.2g}); the last checkpoint is intact")
+                                f"(spread {spread:.2g})")
         return metrics
 
     def loss(

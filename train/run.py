@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,13 @@ import torch
 
 from genforge.models import get_spec
 from genforge.models.base import ConfigError
-from genforge.runtime.files import atomic_write_json
+from genforge.runtime.files import LOCK_FILE, atomic_write_json, exclusive_lock
 
 from . import checkpoint as ckpt
 from .data import DataError, ImageData, load_dataset
 from .distributed import from_env, init
 from .objectives import objective_for
-from .trainer import TrainConfig, Trainer, TrainingError, resolve_device
+from .trainer import TrainConfig, Trainer, TrainingError, choose_threads, resolve_device
 
 
 class UsageError(ValueError):
@@ -32,14 +33,22 @@ class DataSpec:
     split: str = "train"
     eval_split: str = "valid"
     levels: int | None = None
-    image_size: int = 32  # the folder data set only
-    channels: int = 3  # the folder data set only
+    image_size: int | None = None  # the folder data set only (default 32)
+    channels: int | None = None  # the folder data set only (default 3)
     conditional: bool = False  # pass class labels to models that take them
+
+    def __post_init__(self) -> None:
+        # A run records what it used: the folder-only fields stay None for the data sets they do not apply to.
+        if self.name == "folder":
+            self.image_size = 32 if self.image_size is None else self.image_size
+            self.channels = 3 if self.channels is None else self.channels
+        else:
+            self.image_size = self.channels = None
 
     def load(self, split: str, seed: int) -> ImageData:
         return load_dataset(
             self.name, split=split, path=self.path, levels=self.levels, seed=seed,
-            image_size=self.image_size, channels=self.channels,
+            image_size=self.image_size or 32, channels=self.channels or 3,
         )
 
 
@@ -80,13 +89,66 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def prepare_out_dir(out: Path, *, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
+    """Empty ``out`` for a new run (it must be a run itself to be replaced); its lock file stays, held."""
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    if entries:
         if not overwrite:
             raise UsageError(f"{out}: output directory exists and is not empty (pass --overwrite or --resume)")
         if not (out / ckpt.CONFIG_FILE).exists():
             raise UsageError(f"{out}: refusing to overwrite a directory that is not a genforge run")
-        shutil.rmtree(out)
+        for p in entries:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+# gen-train options a resumed run may change: how long it trains and what it records, not what it learns
+# from or how. Any other option given with --resume must agree with the run's config.json.
+RESUME_MUTABLE = ("epochs", "steps", "eval_limit", "log_every", "checkpoint_every", "n_samples")
+_DATA_OPTIONS = {"data": "name", "data_path": "path", "split": "split", "eval_split": "eval_split",
+                 "levels": "levels", "image_size": "image_size", "channels": "channels",
+                 "conditional": "conditional"}
+
+
+def _flag(option: str) -> str:
+    return "--" + {"n_samples": "samples", "overrides": "set"}.get(option, option).replace("_", "-")
+
+
+def check_resume_options(
+    run: ckpt.RunConfig, explicit: set[str], *, model: str, data: DataSpec, train: TrainConfig,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """Compare the options given with --resume against the run; returns the changes it may take (the
+    RESUME_MUTABLE ones), and raises a UsageError naming the first option that contradicts the run."""
+    changes: dict[str, Any] = {}
+    requested_train = train.to_dict()
+    for option in sorted(explicit):
+        if option == "model":
+            want, have = model, run.model
+        elif option in _DATA_OPTIONS:
+            key = _DATA_OPTIONS[option]
+            want, have = vars(data)[key], run.data.get(key)
+            if key == "path" and want is not None and have is not None:
+                want, have = str(Path(want).resolve()), str(Path(have).resolve())
+        elif option in requested_train:
+            want, have = requested_train[option], run.train.get(option)
+            if option in RESUME_MUTABLE:
+                changes[option] = want
+                continue
+        else:
+            continue  # not part of the run (--device, --quiet, --out, ...)
+        if want != have:
+            raise UsageError(f"{_flag(option)} {want} disagrees with the run's recorded value {have}: a resumed run "
+                             f"keeps its config (only {', '.join(map(_flag, RESUME_MUTABLE))} may change)")
+    for key, value in overrides.items():
+        if key not in run.model_config or run.model_config[key] != value:
+            raise UsageError(f"--set {key}={value} disagrees with the run's model config "
+                             f"({key}={run.model_config.get(key)}): a resumed run keeps its model")
+    return changes
 
 
 def next_run_dir(root: Path, stem: str) -> Path:
@@ -106,17 +168,33 @@ def train_run(
     device: str = "auto",
     resume: bool = False,
     extend: dict[str, int] | None = None,
+    explicit: set[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    threads: int | None = None,
 ) -> RunResult:
-    """Train ``model`` on ``data`` into a run directory.
+    """Train ``model`` on ``data`` into a run directory, holding its lock (a second writer is refused).
 
-    With ``resume``, continue the run in ``out`` from its own config.json; only the length of training
-    may change then (``extend``: ``epochs`` and/or ``steps``), so a finished run can be trained further.
+    With ``resume``, continue the run in ``out`` from its own config.json. ``explicit`` names the options
+    the caller set on purpose (gen-train: the flags typed); each must agree with the run, except
+    RESUME_MUTABLE ones, which are applied (so a finished run can be trained further). ``extend``
+    (``epochs``/``steps``) and ``model_overrides`` are always explicit. ``threads``: torch's CPU threads,
+    0 to choose from the cores and the load (trainer.choose_threads), None to leave torch's setting alone.
     """
+    if threads is not None:
+        n, why = choose_threads(threads)
+        torch.set_num_threads(n)
+        if progress and from_env().is_main:
+            print(f"torch threads: {why}", file=sys.stderr, flush=True)
     try:
         if resume:
-            return _resume(out, extend or {}, device, progress)
+            if out is None:
+                raise UsageError("--resume needs --out RUN_DIR")
+            run = ckpt.read_run_config(out)
+            changes = check_resume_options(
+                run, set(explicit or ()), model=model, data=data or DataSpec(), train=train or TrainConfig(),
+                overrides=model_overrides or {})
+            return _resume(Path(out), run, {**changes, **(extend or {})}, device, progress)
         return _start(model, data or DataSpec(), model_overrides or {}, train or TrainConfig(), out,
                       device, overwrite, progress)
     except (ConfigError, DataError) as e:
@@ -136,22 +214,30 @@ def _start(
         raise UsageError("distributed runs need --out (every process must name the same run directory)")
     run_dir = Path(out) if out is not None else next_run_dir(Path("runs"), f"{model_name}-{data.name}")
     run = ckpt.RunConfig(model_name, model_cfg, vars(data), tcfg.to_dict())
-    if info.is_main:  # the other ranks only read the run directory
+    if not info.is_main:  # the other ranks only read the run directory that rank 0 prepares
+        return _fit(run, run_dir, train_data, device, progress, resume=False)
+    with run_lock(run_dir):
         prepare_out_dir(run_dir, overwrite=overwrite)
         atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
-    return _fit(run, run_dir, train_data, device, progress, resume=False)
+        return _fit(run, run_dir, train_data, device, progress, resume=False)
 
 
-def _resume(out: str | Path | None, extend: dict[str, int], device: str, progress: bool) -> RunResult:
-    if out is None:
-        raise UsageError("--resume needs --out RUN_DIR")
-    run_dir = Path(out)
-    run = ckpt.read_run_config(run_dir)
-    if extend:
-        run.train.update(extend)
-        atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
+def run_lock(run_dir: Path) -> Any:
+    """The run directory's exclusive lock (training, resuming): a second writer gets a LockError."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: exists and is not a directory")
+    return exclusive_lock(run_dir / LOCK_FILE, f"run directory {run_dir}")
+
+
+def _resume(run_dir: Path, run: ckpt.RunConfig, changes: dict[str, Any], device: str, progress: bool) -> RunResult:
     data = DataSpec(**run.data)
-    return _fit(run, run_dir, data.load(data.split, int(run.train["seed"])), device, progress, resume=True)
+    if not from_env().is_main:
+        return _fit(run, run_dir, data.load(data.split, int(run.train["seed"])), device, progress, resume=True)
+    with run_lock(run_dir):
+        if any(run.train.get(k) != v for k, v in changes.items()):
+            run.train.update(changes)
+            atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
+        return _fit(run, run_dir, data.load(data.split, int(run.train["seed"])), device, progress, resume=True)
 
 
 def _fit(
