@@ -68,8 +68,8 @@ from .sample import sample_command
               help="Images in the sample grid written each epoch (0: none).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Torch CPU threads; 0: the cores the load average leaves idle (torch's own default, one per "
-              "core, is ~10x slower when other jobs share the cores). OMP_NUM_THREADS, when set, wins over 0.")
+              help="Torch CPU threads; 0: the cores no other job keeps busy (torch's own default, one per core, "
+              "was 18x slower on 2 cores shared with 2 other jobs). OMP_NUM_THREADS, when set, wins over 0.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory [default: runs/MODEL-DATA-N, a new one each run].")

@@ -381,3 +381,48 @@ def test_a_trained_model_exports_at_the_default_tolerance(tmp_path: Path, monkey
         worst = max(exporter.verify("onnx", tmp_path / "old.onnx", forward, batch=32, seed=s)["max_abs_diff"]
                     for s in range(4))
         assert worst > 1e-4
+
+
+# ---------------------------------------------------------------- threads and the remaining time
+
+
+def test_threads_leave_the_busy_cores_to_the_jobs_that_hold_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from genforge.train import trainer
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for busy, want in ((0.0, 2), (1.0, 1), (2.0, 1), (7.0, 1)):
+        monkeypatch.setattr(trainer, "busy_cores", lambda busy=busy: busy)
+        n, why = trainer.choose_threads()
+        assert n == want and (("busy with other jobs" in why) == (want < 2)), (busy, why)
+    assert trainer.choose_threads(3)[0] == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert "OMP_NUM_THREADS" in trainer.choose_threads()[1]
+
+
+def test_busy_cores_sees_a_cpu_bound_process() -> None:
+    from genforge.train.trainer import busy_cores
+
+    if not Path("/proc/loadavg").exists():
+        pytest.skip("no /proc/loadavg")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert busy_cores() >= 1
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def test_plain_progress_lines_estimate_the_remaining_time(capsys: pytest.CaptureFixture[str]) -> None:
+    from genforge.runtime.progress import Progress
+
+    with Progress(100, "train", interval=0.0, initial=50) as bar:  # a resumed run: half done before it started
+        time.sleep(0.3)
+        bar.update(10)
+        bar.update(40)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("train: 60/100 [") and "left]" in lines[0]
+    left = float(lines[0].split("~")[1].split("s left")[0])
+    assert 1 <= left <= 3  # 10 steps took >= 0.3 s, so 40 more take >= 1.2 s; the 50 before do not count
+    assert lines[-1].startswith("train: 100/100") and "left" not in lines[-1]
