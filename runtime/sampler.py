@@ -189,7 +189,8 @@ class AutoregressiveSampler(Sampler):
     def log_prob(
         self, images: np.ndarray, *, labels: np.ndarray | list[int] | None = None, batch_size: int = 64
     ) -> np.ndarray:
-        """log p(image) in nats for each image: float64 (N,)."""
+        """log p(image) in nats for each image, float64 (N,): a log-probability, so <= 0. The NLL that
+        gen-eval reports (``nats_per_image``) is the mean of its negation."""
         images = self.check_images(images)
         lab = self.resolve_labels(len(images), labels)
         out = np.zeros(len(images), dtype=np.float64)

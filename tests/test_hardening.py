@@ -26,25 +26,43 @@ from genforge.train import checkpoint as ckpt
 from genforge.train.data import read_amat, read_cifar_batch, read_idx, read_image
 
 TRAIN = [sys.executable, "-m", "genforge.cli", "train"]
-ARGS = ["--set", "hidden=8", "--set", "layers=1", "--set", "output_hidden=8", "--steps", "40", "--batch-size", "16",
-        "--checkpoint-every", "3", "--samples", "0", "--eval-limit", "8", "--quiet"]
+STEPS = 60
+ARGS = ["--set", "hidden=8", "--set", "layers=1", "--set", "output_hidden=8", "--steps", str(STEPS), "--batch-size",
+        "16", "--checkpoint-every", "3", "--log-every", "1", "--samples", "0", "--eval-limit", "8", "--quiet"]
 
 
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _last_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [int(json.loads(x).get("step", 0)) for x in lines if x.endswith("}")]  # a line may be half written
+    return max(steps, default=0)
+
+
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    """Kill at a random step (not after a random wall-clock delay, which a fast machine outruns), plus a
+    random fraction of a step, so kills land in steps, in evaluations and in checkpoint writes."""
     full = tmp_path / "full"
     subprocess.run([*TRAIN, *ARGS, "--out", str(full)], check=True, env=_env(), timeout=300)
     cut = tmp_path / "cut"
-    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
     kills = 0
-    for _ in range(4):
+    for _ in range(3):
         resume = ["--resume"] if (cut / "config.json").exists() else []
+        # Resume truncates metrics to its checkpoint, so the target counts from what the file shows now.
+        target = rng.randint(min(_last_step(cut) + 1, STEPS - 20), STEPS - 20)
         proc = subprocess.Popen([*TRAIN, *ARGS, "--out", str(cut), *resume], env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.5, 5.0))
+        t0 = time.monotonic()
+        while proc.poll() is None and _last_step(cut) < target and time.monotonic() - t0 < 120:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.02))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -54,16 +72,16 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path: Pa
             ckpt.load_state(cut / ckpt.STATE_FILE)
         if (cut / ckpt.WEIGHTS_FILE).exists():
             ckpt.load_run(cut)
-    assert kills >= 1
+    assert kills >= 1, f"no run was killed (seed {seed})"
     resume = ["--resume"] if (cut / "config.json").exists() else []
     subprocess.run([*TRAIN, *ARGS, "--out", str(cut), *resume], check=True, env=_env(), timeout=300)
     # Tensor by tensor (safetensors writes its metadata map in no fixed order, so the bytes can differ).
     from safetensors.numpy import load_file
 
     a, b = load_file(str(full / ckpt.WEIGHTS_FILE)), load_file(str(cut / ckpt.WEIGHTS_FILE))
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), f"seed {seed}"
     steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [json.loads(x)["step"] for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(x)["step"] for x in (full / "metrics.jsonl").read_text().splitlines()], f"seed {seed}"
 
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -48,13 +48,19 @@ def snapshot(path: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------- 1. gen-export never deletes what is not a bundle
 
 
+def console_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run an installed console script (gen-train, gen-export, ...) as a user would."""
+    return subprocess.run([str(Path(sys.executable).parent / name), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_export_refuses_to_overwrite_the_run_it_reads(run_and_bundle, tmp_path: Path) -> None:
     run, _ = run_and_bundle
     before = snapshot(run)
     for target in (run, run.parent):  # the run itself, and a directory that holds it
-        res = CliRunner().invoke(export_command, [str(run), "--overwrite", "-o", str(target)])
-        assert res.exit_code == 1 and "over the run directory" in res.output, res.output
-        assert len(res.output.strip().splitlines()) == 1
+        res = console_script("gen-export", str(run), "--overwrite", "-o", str(target))
+        assert res.returncode == 1 and "over the run directory" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and not res.stdout
     assert snapshot(run) == before
 
 
@@ -86,9 +92,9 @@ def test_export_overwrites_a_bundle_when_asked(run_and_bundle, tmp_path: Path) -
 def test_eval_scores_the_split_carved_with_the_runs_own_seed(run_and_bundle, kind: str) -> None:
     run, bundle = run_and_bundle
     path = run if kind == "run" else bundle
-    res = CliRunner().invoke(eval_command, [str(path), "--quiet"])  # --seed left at 0: the run used seed 2
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    res = console_script("gen-eval", str(path), "--quiet")  # --seed left at 0: the run used seed 2
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
     assert out["split"] == "test" and out["split_seed"] == 2 and "seed 2" in out["split_origin"]
     model, _ = ckpt.load_run(run)
 
@@ -132,6 +138,8 @@ def test_resume_refuses_flags_that_contradict_the_run(tmp_path: Path) -> None:
         res = r.invoke(train_command, ["--resume", "--out", str(out), "--steps", "4", "--quiet", *flags])
         assert res.exit_code == 1 and name in res.output and "disagrees" in res.output, (flags, res.output)
         assert len(res.output.strip().splitlines()) == 1
+    res = console_script("gen-train", "--resume", "--out", str(out), "--lr", "0.01")  # and as a user runs it
+    assert res.returncode == 1 and "--lr 0.01 disagrees" in res.stderr, res.stderr
     assert snapshot(out) == before
     # Flags that agree with the run are fine, and the length of training may change.
     res = r.invoke(train_command, ["--resume", "--out", str(out), "--steps", "4", "--lr", "0.003", "--set",
