@@ -4,7 +4,7 @@
   bundle's safetensors weights, with every masked convolution computed by the masked-conv kernel
   (``triton_kernels/masked_conv.py``), weights packed once at load.
 - Cached decoding of a PixelCNN or gated PixelCNN: the fused kernels (``triton_kernels/pixelcnn_decode.py``,
-  ``gated_decode.py``), one launch per batch tile for whole images, sampling in the kernel from the same
+  ``gated_decode.py``), one launch per batch of whole images (a program per tile), sampling in the kernel from the same
   pre-drawn uniforms. PixelRNNs decode with their incremental form in PyTorch on the same device (their
   fused kernel is future work).
 
@@ -51,6 +51,9 @@ class TritonBackend:
         self.device = "cuda" if device in ("auto", "cuda") else "cpu"
         self.model = self._load_model()
         self._packed: Any = None
+        from genforge.triton_kernels.decoders import fused_decoder
+
+        self._decoder = fused_decoder(bundle.model, bundle.manifest.get("likelihood"))
 
     def _load_model(self) -> Any:
         from safetensors import SafetensorError
@@ -94,24 +97,19 @@ class TritonBackend:
 
     @property
     def fused(self) -> bool:
-        from genforge.models import GatedPixelCNN, PixelCNN
-
-        return isinstance(self.model, PixelCNN | GatedPixelCNN)
+        return self._decoder is not None
 
     def decode_images(
         self, u: np.ndarray, labels: np.ndarray | None, prefix: np.ndarray | None, start_row: int
     ) -> np.ndarray:
         """Whole images by the fused kernel: u (B, H, W, C) -> uint8 levels (B, H, W, C)."""
-        from genforge.models import PixelCNN
-        from genforge.triton_kernels.gated_decode import decode_gated, pack_gated_pixelcnn
-        from genforge.triton_kernels.pixelcnn_decode import decode, pack_pixelcnn
-
         t = self.torch
-        plain = isinstance(self.model, PixelCNN)
+        d = self._decoder
+        if d is None:
+            raise RuntimeBackendError(f"no fused decoder for {self.bundle.model} with this likelihood")
         if self._packed is None:
-            self._packed = (pack_pixelcnn if plain else pack_gated_pixelcnn)(self.model, self.device)
+            self._packed = d.pack(self.model, self.device)
         lab = None if labels is None else t.from_numpy(np.asarray(labels, dtype=np.int64))
         pre = None if prefix is None else t.from_numpy(prefix.transpose(0, 3, 1, 2).copy())
-        x = (decode if plain else decode_gated)(self._packed, t.from_numpy(u), labels=lab, prefix=pre,
-                                                start_row=start_row)
+        x = d.decode(self._packed, t.from_numpy(u), labels=lab, prefix=pre, start_row=start_row)
         return x.permute(0, 2, 3, 1).round().to(t.uint8).cpu().numpy()

@@ -32,7 +32,7 @@ from genforge.models import build_model
 from genforge.models.layers import causal_mask
 from genforge.runtime.randomness import uniforms
 from genforge.triton_kernels.masked_conv import masked_conv2d, masked_conv2d_reference
-from genforge.triton_kernels.pixelcnn_decode import decode, decode_reference, launches_per_batch, pack_pixelcnn
+from genforge.triton_kernels.pixelcnn_decode import decode, decode_reference, pack_pixelcnn
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if os.environ.get("GENFORGE_TEST_DEVICE") == "cuda" else "cpu"
@@ -278,9 +278,32 @@ def test_fused_gated_decode_completion() -> None:
     assert_probs_match(model, out, probs)
 
 
-def test_one_launch_per_batch_tile() -> None:
-    assert launches_per_batch(1) == 1 and launches_per_batch(16) == 1 and launches_per_batch(17) == 2
-    assert launches_per_batch(256, block_b=64) == 4
+@pytest.mark.parametrize("name", ["pixelcnn", "gated-pixelcnn"])
+def test_one_launch_decodes_a_batch_one_program_per_tile(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted at the kernel: a batch of 17 is one launch of 2 programs (tiles of 16), and every image of
+    the second, partial tile is decoded (none left at zero where the reference samples a nonzero level)."""
+    from genforge.triton_kernels import gated_decode, pixelcnn_decode
+    from genforge.triton_kernels.decoders import FUSED_DECODERS
+
+    module, attr = {"pixelcnn": (pixelcnn_decode, "_pixelcnn_decode_kernel"),
+                    "gated-pixelcnn": (gated_decode, "_gated_decode_kernel")}[name]
+    kernel, grids = getattr(module, attr), []
+
+    class Counting:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return kernel[grid]
+
+    monkeypatch.setattr(module, attr, Counting())
+    torch.manual_seed(5)
+    model = build_model(name, {"channels": 1, "height": 3, "width": 3, "levels": 4, "hidden": 4, "layers": 1,
+                               "output_hidden": 4}).eval()
+    d = FUSED_DECODERS[name]
+    u = torch.from_numpy(uniforms(9, 0, 17, (3, 3, 1)))
+    out = d.decode(d.pack(model, DEVICE), u).cpu()
+    assert grids == [(2,)]
+    ref = decode_reference(model, u, 4)
+    torch.testing.assert_close(out[16:], ref[16:].to(out))
 
 
 @pytest.fixture(scope="module")
@@ -290,12 +313,28 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
     root = tmp_path_factory.mktemp("triton")
     out = {}
-    for name in ("pixelcnn", "gated-pixelcnn"):
-        run = train_run(model=name, data=DataSpec(levels=4), train=TrainConfig(steps=8, n_samples=0, eval_limit=8),
-                        model_overrides={"hidden": 6, "layers": 1, "output_hidden": 6}, out=root / name,
-                        progress=False).run_dir
+    for name, model, likelihood in (("pixelcnn", "pixelcnn", "categorical"),
+                                    ("gated-pixelcnn", "gated-pixelcnn", "categorical"),
+                                    ("gated-gaussian", "gated-pixelcnn", "gaussian")):
+        run = train_run(model=model, data=DataSpec(levels=4), train=TrainConfig(steps=8, n_samples=0, eval_limit=8),
+                        model_overrides={"hidden": 6, "layers": 1, "output_hidden": 6, "likelihood": likelihood},
+                        out=root / name, progress=False).run_dir
         out[name] = export_run(run, root / f"{name}-bundle", formats=("torchscript",))
     return out
+
+
+def test_a_head_without_a_fused_kernel_decodes_with_the_cached_form(bundles) -> None:
+    """The gaussian head has no fused kernel: the backend's table says so and it decodes with the cached
+    form on the same device (before the table: a KeyError from the kernel's head map)."""
+    from genforge.runtime import load
+    from genforge.triton_kernels.decoders import FUSED_DECODERS, fused_decoder
+
+    assert fused_decoder("gated-pixelcnn", "gaussian") is None
+    assert "gaussian" not in FUSED_DECODERS["pixelcnn"].likelihoods
+    triton_s = load(bundles["gated-gaussian"], backend="triton", device=DEVICE)
+    assert not triton_s.backend.fused
+    ts = load(bundles["gated-gaussian"], backend="torchscript", device="cpu")
+    np.testing.assert_array_equal(triton_s.sample(2, seed=4), ts.sample(2, seed=4))
 
 
 @pytest.mark.parametrize("name", ["pixelcnn", "gated-pixelcnn"])
@@ -341,7 +380,8 @@ def test_gpu_benchmark_smoke_run(tmp_path) -> None:
     assert [r["batch"] for r in result["sampling"]] == [1, 17] == [r["batch"] for r in result["sampling_gated"]]
     for row in result["sampling"] + result["sampling_gated"]:
         assert row["samples_agree_fused_vs_naive"] == 1.0
-        assert row["launches_per_batch"]["fused_expected"] == -(-row["batch"] // 16)
+        assert row["launches_per_batch"]["fused_expected"] == 1
+        assert row["launches_per_batch"]["fused_programs"] == (1 if row["batch"] <= 16 else 2)
     gpu = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True,
                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert gpu.returncode != 0 and "needs a CUDA device" in gpu.stderr

@@ -380,13 +380,16 @@ def test_a_trained_model_exports_at_the_default_tolerance(tmp_path: Path, monkey
                     train=TrainConfig(steps=100, batch_size=32, lr=1e-2, n_samples=0, eval_limit=16)).run_dir
     bundle = export_run(run, tmp_path / "b", formats=("onnx", "torchscript"))  # default tolerance 1e-4
     parity = json.loads((bundle / "manifest.json").read_text())["parity"]
-    assert max(p["max_abs_diff"] for p in parity.values()) < 5e-5, {k: p["max_abs_diff"] for k, p in parity.items()}
+    # Half the tolerance at most (measured: ~2e-6 for the sigmoid heads, up to ~2e-5 for the gaussian, whose
+    # bin masses are differences of nearby CDF values).
+    scaled = {k: p["max_scaled_diff"] for k, p in parity.items()}
+    assert max(scaled.values()) < 5e-5, scaled
     if likelihood == "bernoulli":  # the control: the old formulation fails on this very model
         monkeypatch.setattr(heads, "log_sigmoid", F.logsigmoid)
         net = ckpt.load_run(run)[0].float().eval()
         forward = next(g for g in exporter.graph_defs(net) if g.name == "forward")
         exporter._export_onnx(forward, tmp_path / "old.onnx", forward.make_inputs(2, torch.Generator()), 17)
-        worst = max(exporter.verify("onnx", tmp_path / "old.onnx", forward, batch=32, seed=s)["max_abs_diff"]
+        worst = max(exporter.verify("onnx", tmp_path / "old.onnx", forward, batch=32, seed=s)["max_scaled_diff"]
                     for s in range(4))
         assert worst > 1e-4
 

@@ -1,4 +1,4 @@
-"""Fused cached decoding of a gated PixelCNN in Triton: one persistent launch per batch tile, whole images.
+"""Fused cached decoding of a gated PixelCNN in Triton: one launch, one program per tile of whole images.
 
 The same plan as ``pixelcnn_decode`` (read that first), for the two stacks of models/gated_pixelcnn.py:
 

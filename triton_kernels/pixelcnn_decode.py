@@ -1,9 +1,9 @@
-"""Fused cached decoding of a PixelCNN in Triton: one persistent launch per batch tile decodes whole images.
+"""Fused cached decoding of a PixelCNN in Triton: one launch decodes whole images, one program per tile.
 
 Per sub-pixel the cached step (models/incremental.py) is a chain of small matrix products; built from
 dozens of launches it would be launch-bound. Here one program owns BLOCK_B images and loops over every
 pixel, channel and layer itself, sampling each sub-pixel from its pre-drawn uniform by inverse CDF, so an
-image costs one launch whatever its size (``launches_per_batch``).
+image costs one program whatever its size, and a batch one launch of ``tiles(batch)`` programs.
 
 State, per program:
 - the image being generated (the output, float levels), read back through the 7x7 mask-A taps;
@@ -329,8 +329,8 @@ _WEIGHTS = ("w0", "dy0", "dx0", "c0", "b0", "emb", "wr", "br", "wc", "dy1", "dx1
             "w2", "b2")  # in the kernel's argument order
 
 
-def launches_per_batch(batch: int, block_b: int = 16) -> int:
-    """Kernel launches to decode a batch of images: one per tile of block_b images, for the whole image."""
+def tiles(batch: int, block_b: int = 16) -> int:
+    """Programs in the one launch that decodes a batch: one per tile of block_b images, for whole images."""
     return -(-batch // block_b)
 
 
@@ -357,7 +357,7 @@ def launch_inputs(
     lab = labels.to(dev, torch.int64) if labels is not None else torch.zeros(1, dtype=torch.int64, device=dev)
     probs = torch.zeros((b, m["C"], m["H"], m["W"], m["KP"]) if return_probs else (1,), dtype=torch.float32,
                         device=dev)
-    grid = (launches_per_batch(b, block_b),)
+    grid = (tiles(b, block_b),)
     return x, u.to(dev, torch.float64).contiguous(), lab, probs, grid, start_row if prefix is not None else 0
 
 
@@ -414,4 +414,4 @@ def decode_reference(
     return x.float()
 
 
-__all__ = ["HEADS", "PackedDecoder", "decode", "decode_reference", "launches_per_batch", "pack_pixelcnn"]
+__all__ = ["HEADS", "PackedDecoder", "decode", "decode_reference", "pack_pixelcnn", "tiles"]
