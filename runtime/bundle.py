@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 BUNDLE_FORMAT = "genforge-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # what the exporter writes; docs/bundle.md says what each version changed
+READABLE_VERSIONS = (1, 2)  # version 1 lacks only optional fields (source.data, source.seed, max_scaled_diff)
 MANIFEST = "manifest.json"
 GRAPH_FORMATS = ("onnx", "torchscript")
 
@@ -112,10 +113,10 @@ def read_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path}: corrupt manifest (not valid JSON: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{manifest_path}: not a genforge bundle manifest (format is not {BUNDLE_FORMAT!r})")
-    if manifest.get("version") != BUNDLE_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise BundleError(
             f"{manifest_path}: bundle format version {manifest.get('version')!r} is not supported "
-            f"(this genforge reads version {BUNDLE_VERSION})"
+            f"(this genforge reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:

@@ -19,7 +19,7 @@ from genforge.cli.main import eval_command, export_command, sample_command, trai
 from genforge.export import ExportError, export_run
 from genforge.runtime import BundleError, InputError, RuntimeBackendError, load
 from genforge.runtime.files import LOCK_FILE, LockError, exclusive_lock
-from genforge.train import DataSpec, TrainConfig, TrainingError, load_dataset, train_run
+from genforge.train import DataSpec, TrainConfig, TrainingError, UsageError, load_dataset, train_run
 from genforge.train import checkpoint as ckpt
 from genforge.train.evaluate import evaluate_path
 from genforge.train.objectives import objective_for
@@ -437,3 +437,20 @@ def test_plain_progress_lines_estimate_the_remaining_time(capsys: pytest.Capture
     left = float(lines[0].split("~")[1].split("s left")[0])
     assert 1 <= left <= 3  # 10 steps took >= 0.3 s, so 40 more take >= 1.2 s; the 50 before do not count
     assert lines[-1].startswith("train: 100/100") and "left" not in lines[-1]
+
+
+def test_a_version_1_bundle_still_loads_and_gen_eval_asks_for_its_data(run_and_bundle, tmp_path: Path) -> None:
+    """Version 2 added optional fields only (docs/bundle.md): a version-1 manifest, which lacks them, loads;
+    gen-eval, which cannot know its training data, says so rather than guessing a split."""
+    _, bundle = run_and_bundle
+
+    def to_v1(m):
+        m["version"] = 1
+        m["source"] = {k: v for k, v in m["source"].items() if k in ("run_dir", "ema")}
+        for p in m["parity"].values():
+            p.pop("max_scaled_diff")
+    old = _edit_manifest(bundle, tmp_path / "v1", to_v1)
+    assert load(old).sample(2, seed=3).tolist() == load(bundle).sample(2, seed=3).tolist()
+    with pytest.raises(UsageError, match="does not record the data it was trained on"):
+        evaluate_path(old)
+    assert evaluate_path(old, {"name": "digits", "levels": 4})["split_seed"] == 0  # --data given: its seed
