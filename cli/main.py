@@ -125,7 +125,7 @@ def train_command(**o: object) -> None:
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--opset", type=click.IntRange(13, 23), default=17, show_default=True, help="ONNX opset.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
-              help="Largest |eager - exported| / (1 + |eager| / 100) allowed on fresh random inputs.")
+              help="Largest |eager - exported| / (1 + |eager| / 50) allowed on fresh random inputs.")
 @click.option("--ema", is_flag=True, help="Export the moving-average weights (a run trained with --ema).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
 @one_line_errors

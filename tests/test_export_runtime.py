@@ -178,8 +178,8 @@ def test_export_fails_when_parity_fails(runs, tmp_path: Path, monkeypatch: pytes
     run, _ = runs["pixelcnn"]
     real = exporter._run_exported
     monkeypatch.setattr(exporter, "_run_exported", lambda *a: [o + 1e-3 for o in real(*a)])
-    # 1e-3 on every output, scaled by 1 + |log p| / 100 at the smallest |log p| (a few at most): 0.00097-0.001.
-    with pytest.raises(ExportError, match=r"differs from eager PyTorch by 0\.00(1 |09[789])"):
+    # 1e-3 on every output, scaled by 1 + |log p| / 50 at the smallest |log p| (a few at most): 0.0009x-0.001.
+    with pytest.raises(ExportError, match=r"differs from eager PyTorch by 0\.00(1 |09\d)"):
         export_run(run, tmp_path / "b")
     # No half-written bundle; only the (empty) lock file of the bundle path stays, as it must (files.exclusive_lock).
     assert not (tmp_path / "b").exists() and [p.name for p in tmp_path.iterdir()] == [".b.lock"]

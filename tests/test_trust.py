@@ -380,10 +380,10 @@ def test_a_trained_model_exports_at_the_default_tolerance(tmp_path: Path, monkey
                     train=TrainConfig(steps=100, batch_size=32, lr=1e-2, n_samples=0, eval_limit=16)).run_dir
     bundle = export_run(run, tmp_path / "b", formats=("onnx", "torchscript"))  # default tolerance 1e-4
     parity = json.loads((bundle / "manifest.json").read_text())["parity"]
-    # Half the tolerance at most (measured: ~2e-6 for the sigmoid heads, up to ~2e-5 for the gaussian, whose
-    # bin masses are differences of nearby CDF values).
+    # The sigmoid heads stay far inside the tolerance (measured ~2e-6); the gaussian's bin masses are
+    # differences of nearby CDF values, and random step caches took it to 5e-5 at worst over 60 seeds.
     scaled = {k: p["max_scaled_diff"] for k, p in parity.items()}
-    assert max(scaled.values()) < 5e-5, scaled
+    assert max(scaled.values()) < (1e-4 if likelihood == "gaussian" else 1e-5), scaled
     if likelihood == "bernoulli":  # the control: the old formulation fails on this very model
         monkeypatch.setattr(heads, "log_sigmoid", F.logsigmoid)
         net = ckpt.load_run(run)[0].float().eval()
@@ -454,3 +454,37 @@ def test_a_version_1_bundle_still_loads_and_gen_eval_asks_for_its_data(run_and_b
     with pytest.raises(UsageError, match="does not record the data it was trained on"):
         evaluate_path(old)
     assert evaluate_path(old, {"name": "digits", "levels": 4})["split_seed"] == 0  # --data given: its seed
+
+
+def test_exportable_heads_are_accurate_where_the_plain_formulas_cancel() -> None:
+    """The heads' exportable forms (no Expm1, no Erfc in ONNX) against exact references in float64, and in
+    float32 where bin masses are tiny differences (wide Gaussians: the first version erred by ~1 nat)."""
+    import math
+
+    from genforge.models.heads import DiscretizedGaussianHead, log_erfc, log_one_minus_exp, log_sigmoid
+
+    x = torch.linspace(-30, 30, 601, dtype=torch.float64)
+    exact = torch.tensor([-math.log1p(math.exp(-v)) if v > 0 else v - math.log1p(math.exp(v)) for v in x.tolist()],
+                         dtype=torch.float64)
+    torch.testing.assert_close(log_sigmoid(x), exact, rtol=0, atol=1e-12)
+    w = torch.logspace(-9, 1.5, 400, dtype=torch.float64)
+    torch.testing.assert_close(log_one_minus_exp(w), torch.log(-torch.expm1(-w)), rtol=1e-9, atol=0)
+    v = torch.linspace(-5, 9, 300, dtype=torch.float64)
+    exact_erfc = torch.tensor([math.log(math.erfc(t)) for t in v.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(log_erfc(v), exact_erfc, rtol=2e-7, atol=2e-7)  # Numerical Recipes' fit: 1.2e-7
+
+    head = DiscretizedGaussianHead(17)
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    seed = g.initial_seed()
+    scale = torch.tensor([3.0, 4.0], dtype=torch.float64).view(1, 2, 1, 1, 1)
+    params = torch.randn(500, 2, 1, 1, 1, generator=g, dtype=torch.float64) * scale
+    ref = head.log_probs(params)
+    mean, inv_s = params[:, 0].flatten().tolist(), torch.exp(-params[:, 1].clamp(min=-7.0)).flatten().tolist()
+    cdf = [[0.5 * math.erfc(-((2 * k + 1) / 16 - 1 - m) * s / math.sqrt(2)) for k in range(16)] for m, s in
+           zip(mean, inv_s, strict=True)]
+    mass = torch.tensor([[c[0], *[b - a for a, b in zip(c[:-1], c[1:], strict=True)], 1 - c[-1]] for c in cdf],
+                        dtype=torch.float64)
+    ok = mass > 1e-6  # where a float64 difference of CDFs is itself exact to ~1e-10
+    torch.testing.assert_close(ref.reshape(500, 17)[ok], mass.log()[ok], rtol=0, atol=1e-6, msg=f"seed {seed}")
+    f32 = head.log_probs(params.float()).double()
+    assert float(((f32 - ref).abs() / (1 + ref.abs() / 50)).max()) < 1e-3, f"seed {seed}"
