@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -88,50 +89,97 @@ FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 
 
 @FUZZ
-@given(raw=st.binary(max_size=300), gz=st.booleans(), header=st.booleans())
-def test_idx_reader_fails_cleanly(tmp_path: Path, raw: bytes, gz: bool, header: bool) -> None:
+@given(raw=st.binary(max_size=300), gz=st.booleans(), header=st.booleans(),
+       dims=st.lists(st.integers(0, 6), min_size=1, max_size=4), valid=st.booleans())
+def test_idx_reader_reads_what_the_header_says_or_fails_cleanly(tmp_path: Path, raw: bytes, gz: bool, header: bool,
+                                                                dims: list[int], valid: bool) -> None:
     import gzip
+    import struct
 
-    data = (b"\x00\x00\x08\x03" + raw) if header else raw
+    if valid:  # a well-formed file: the reader must return exactly its contents
+        count = int(np.prod(dims))
+        data = bytes([0, 0, 8, len(dims)]) + struct.pack(f">{len(dims)}I", *dims) + ((raw or b"\x07") * count)[:count]
+    else:
+        data = (b"\x00\x00\x08\x03" + raw) if header else raw
     f = tmp_path / "x-idx3-ubyte"
     f.write_bytes(gzip.compress(data) if gz else data)
     try:
-        read_idx(f)
+        arr = read_idx(f)
     except DataError:
-        pass
+        assert not valid, "a well-formed IDX file was refused"
+        return
+    # Success: exactly what an independent parse of the bytes says (the header's dims, the bytes after it).
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    assert arr.dtype == np.uint8 and arr.shape == shape and arr.tobytes() == data[4 + 4 * ndim :]
 
 
 @FUZZ
-@given(text=st.text(alphabet="01 \n\t.x", max_size=2000))
-def test_amat_reader_fails_cleanly(tmp_path: Path, text: str) -> None:
+@given(text=st.text(alphabet="01 \n\t.x", max_size=2000), images=st.integers(0, 3), seed=st.integers(0, 2**31))
+def test_amat_reader_reads_the_pixels_or_fails_cleanly(tmp_path: Path, text: str, images: int, seed: int) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 2, (images, 784))
+    if images:  # a well-formed file, with the fuzzed text as a prefix when it is blank
+        text = ("" if text.strip() else text) + "\n".join(" ".join(map(str, row)) for row in pixels) + "\n"
     f = tmp_path / "b.amat"
     f.write_text(text)
     try:
-        assert read_amat(f).shape[1:] == (28, 28)
+        arr = read_amat(f)
     except DataError:
-        pass
+        assert not images, "a well-formed .amat file was refused"
+        return
+    rows = [line.split() for line in text.splitlines() if line.strip()]
+    assert arr.dtype == np.uint8 and arr.shape == (len(rows), 28, 28)
+    assert arr.reshape(len(rows), 784).tolist() == [[int(v) for v in row] for row in rows]
 
 
 @FUZZ
-@given(raw=st.binary(max_size=400), prefix=st.sampled_from([b"", b"\x80\x02}q\x00(", b"\x80\x04\x95"]))
-def test_cifar_reader_fails_cleanly(tmp_path: Path, raw: bytes, prefix: bytes) -> None:
+@given(raw=st.binary(max_size=400), prefix=st.sampled_from([b"", b"\x80\x02}q\x00(", b"\x80\x04\x95"]),
+       n=st.integers(0, 3), seed=st.integers(0, 2**31), dtype=st.sampled_from(["uint8", "int64", "float32"]))
+def test_cifar_reader_reads_the_batch_or_fails_cleanly(tmp_path: Path, raw: bytes, prefix: bytes, n: int, seed: int,
+                                                       dtype: str) -> None:
+    import pickle
+
+    rng = np.random.default_rng(seed)
     f = tmp_path / "data_batch_1"
-    f.write_bytes(prefix + raw)
+    pixels = rng.integers(0, 300 if dtype != "uint8" else 256, (n, 3072)).astype(dtype)
+    labels = rng.integers(0, 10, n).tolist()
+    well_formed = n > 0 and dtype == "uint8"
+    if n:
+        f.write_bytes(pickle.dumps({b"data": pixels, b"labels": labels}, protocol=2))
+    else:
+        f.write_bytes(prefix + raw)
     try:
-        read_cifar_batch(f)
+        images, got_labels = read_cifar_batch(f)
     except DataError:
-        pass
+        assert not well_formed, "a well-formed CIFAR-10 batch was refused"
+        return
+    assert n and dtype == "uint8", "a batch of non-uint8 pixels was read (a cast would wrap them)"
+    assert images.shape == (n, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images.transpose(0, 3, 1, 2).reshape(n, 3072), pixels)
+    assert got_labels.tolist() == labels
 
 
 @FUZZ
-@given(raw=st.binary(max_size=400), prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"]))
-def test_image_reader_fails_cleanly(tmp_path: Path, raw: bytes, prefix: bytes) -> None:
+@given(raw=st.binary(max_size=400), prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"]),
+       real=st.booleans(), seed=st.integers(0, 2**31))
+def test_image_reader_reads_the_pixels_or_fails_cleanly(tmp_path: Path, raw: bytes, prefix: bytes, real: bool,
+                                                        seed: int) -> None:
+    from PIL import Image
+
     f = tmp_path / "i.png"
-    f.write_bytes(prefix + raw)
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8)
+    if real:
+        Image.fromarray(pixels).save(f)
+    else:
+        f.write_bytes(prefix + raw)
     try:
-        read_image(f, 8, 1)
+        arr = read_image(f, 8, 1)
     except DataError:
-        pass
+        assert not real, "a well-formed PNG was refused"
+        return
+    assert arr.shape == (8, 8, 1) and arr.dtype == np.uint8
+    if real:  # same size: no resampling, the pixels themselves
+        np.testing.assert_array_equal(arr[..., 0], pixels)
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +213,19 @@ def test_manifest_and_checkpoint_readers_fail_cleanly(small_run, data: st.DataOb
             pos = data.draw(st.integers(0, len(original) - 1))
             target.write_bytes(original[:pos] + bytes([original[pos] ^ 0xFF]) + original[pos + 1 :])
         try:
-            read_bundle(b)
-            ckpt.load_state(r / ckpt.STATE_FILE)
-            ckpt.load_run(r)
+            manifest = read_bundle(b).manifest
+            state = ckpt.load_state(r / ckpt.STATE_FILE)
+            model, config = ckpt.load_run(r)
         except (BundleError, CheckpointError):
-            pass
+            return
+        # Every read succeeded: then it must have read what was written, not a silently different thing
+        # (a flipped byte inside a tensor is what safetensors and torch.load let through on their own).
+        assert manifest == json.loads((bundle / "manifest.json").read_text())
+        assert ckpt.digest(state) == ckpt.digest(ckpt.load_state(run / ckpt.STATE_FILE))
+        reference, ref_config = ckpt.load_run(run)
+        assert config == ref_config
+        for k, v in reference.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), k
 
 
 def test_gen_eval_agrees_between_run_and_bundle(small_run) -> None:

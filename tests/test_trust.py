@@ -488,3 +488,16 @@ def test_exportable_heads_are_accurate_where_the_plain_formulas_cancel() -> None
     torch.testing.assert_close(ref.reshape(500, 17)[ok], mass.log()[ok], rtol=0, atol=1e-6, msg=f"seed {seed}")
     f32 = head.log_probs(params.float()).double()
     assert float(((f32 - ref).abs() / (1 + ref.abs() / 50)).max()) < 1e-3, f"seed {seed}"
+
+
+def test_a_failing_test_reports_its_fresh_seed(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
+    (tmp_path / "test_x.py").write_text("def test_fails(fresh_seed):\n    assert fresh_seed < 0\n")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 1 and "1 failed" in res.stdout
+    seed = res.stdout.split("rerun with GENFORGE_TEST_SEED=")[1].split()[0]
+    rerun = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                           env={**os.environ, "GENFORGE_TEST_SEED": seed})
+    assert f"seed {seed}:" in rerun.stdout  # the same seed again, on demand

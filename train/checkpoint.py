@@ -7,6 +7,7 @@ code from a file: configs are JSON, weights safetensors, the trainer state ``tor
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,21 +51,63 @@ def read_json(path: str | Path, what: str) -> Any:
 # ---------------------------------------------------------------- weights
 
 
+def digest(obj: Any) -> str:
+    """sha256 of a (nested) state: keys, scalars and every tensor's dtype, shape and bytes, in a fixed order.
+
+    Neither safetensors nor torch.load checks the bytes of a tensor (torch's zip records carry CRCs that it
+    does not verify), so a flipped bit would load as a silently different weight; the digest, stored
+    beside the state, is what refuses it."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, dict):
+            h.update(b"D")
+            for k in sorted(o, key=repr):
+                h.update(repr(k).encode())
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            h.update(b"L")
+            for v in o:
+                walk(v)
+        else:
+            h.update(repr(o).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
 def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, st_save(state, metadata={"format": "genforge-weights", **(metadata or {})}))
+    meta = {"format": "genforge-weights", **(metadata or {}), "sha256": digest(state)}
+    atomic_write_bytes(path, st_save(state, metadata=meta))
 
 
 def load_weights(path: str | Path, model: nn.Module) -> None:
     """Load safetensors weights into ``model``; any mismatch is a CheckpointError naming the file."""
     path = Path(path)
     try:
-        state = st_load(path.read_bytes())
+        raw = path.read_bytes()
+        state = st_load(raw)
+        meta = safe_open_metadata(raw)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing weights file") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt or foreign weights file (not safetensors: {e})") from None
+    # Files written before the digest existed have none; any file that has one must match it.
+    if "sha256" in meta and meta["sha256"] != digest(state):
+        raise CheckpointError(f"{path}: corrupt weights file (its tensors do not match their recorded sha256)")
     load_state_checked(model, state, path)
+
+
+def safe_open_metadata(raw: bytes) -> dict[str, str]:
+    """The __metadata__ of a safetensors file's header (the 8-byte length, then JSON)."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    return dict(header.get("__metadata__") or {})
 
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
@@ -149,7 +192,7 @@ def load_run(run_dir: str | Path, *, ema: bool = False) -> tuple[nn.Module, RunC
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     with atomic_open(path, "wb") as f:
-        torch.save({"format": STATE_FORMAT, "version": RUN_VERSION, **state}, f)
+        torch.save({"format": STATE_FORMAT, "version": RUN_VERSION, **state, "sha256": digest(state)}, f)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -166,6 +209,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a genforge trainer state")
     if state.get("version") != RUN_VERSION:
         raise CheckpointError(f"{path}: trainer state version {state.get('version')!r} is not supported")
+    recorded = state.pop("sha256", None)
+    body = {k: v for k, v in state.items() if k not in ("format", "version")}
+    if recorded is not None and recorded != digest(body):
+        raise CheckpointError(f"{path}: corrupt trainer state (its contents do not match their recorded sha256)")
     return state
 
 

@@ -153,10 +153,14 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = batch.get(b"labels", batch.get("labels"))
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or labels is None:
         raise DataError(f"{path}: not a CIFAR-10 python batch (expected 'data' (N, 3072) and 'labels')")
+    if data.dtype != np.uint8:  # a cast would wrap other values into garbage pixels
+        raise DataError(f"{path}: CIFAR-10 'data' must be uint8, got {data.dtype}")
     labels_arr = np.asarray(labels)
     if labels_arr.shape != (len(data),):
         raise DataError(f"{path}: {len(data)} images but {labels_arr.size} labels")
-    images = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if labels_arr.dtype.kind not in "iu" or (labels_arr.size and not 0 <= labels_arr.min() <= labels_arr.max() <= 9):
+        raise DataError(f"{path}: CIFAR-10 labels must be integers in [0, 9]")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels_arr.astype(np.int64)
 
 
