@@ -148,7 +148,7 @@ def naive_sample(model: torch.nn.Module, u: torch.Tensor, pixels: int) -> torch.
 def bench_sampling(device: str, sizes: dict[str, Any], timer: Callable[..., float], naive_pixels: int | None,
                    name: str = "pixelcnn") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from genforge.models import build_model
-    from genforge.models.incremental import EagerStepper, incremental
+    from genforge.models.incremental import EagerStepper
     from genforge.runtime.decoding import cached_decode
     from genforge.runtime.randomness import uniforms
     from genforge.triton_kernels.gated_decode import decode_gated, pack_gated_pixelcnn
@@ -177,7 +177,7 @@ def bench_sampling(device: str, sizes: dict[str, Any], timer: Callable[..., floa
         naive: dict[str, torch.Tensor] = {}  # the timed run's images, reused for the agreement check
         t_naive = timer(lambda u=u, naive=naive: naive.update(x=naive_sample(model, u, pixels)), repeats=1, warmup=0)
         t_naive *= total / pixels
-        stepper = EagerStepper(incremental(model), torch.float32)
+        stepper = EagerStepper(model.cached_form(), torch.float32)
         with torch.inference_mode():
             t_cached = timer(lambda u_np=u_np, stepper=stepper: cached_decode(stepper, u_np, levels=2),
                              repeats=1, warmup=1)

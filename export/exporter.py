@@ -32,18 +32,18 @@ import torch
 from torch import nn
 
 from genforge.models import GAN, VAE, AutoregressiveModel, LatentModel
-from genforge.models.incremental import IncrementalModel, incremental
+from genforge.models.incremental import IncrementalModel
 from genforge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FORMATS, MANIFEST, read_bundle, sha256_file
 from genforge.runtime.files import atomic_write_json, exclusive_lock
 from genforge.train.checkpoint import load_run, save_weights
+
+from .errors import ExportError
 
 WEIGHTS = "weights.safetensors"
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4  # max |eager - exported| / (1 + |eager| / 50) on float32 outputs (verify)
 
 
-class ExportError(RuntimeError):
-    """Export failed, or the exported graph does not match eager PyTorch within the tolerance."""
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _random_latents(c: Any, batch: int, g: torch.Generator) -> tuple[torch.Tenso
 def cached_graphs(model: AutoregressiveModel) -> list[GraphDef]:
     """The ``row`` and ``step`` graphs of the incremental form; caches are explicit inputs and outputs."""
     c = model.config
-    inc = incremental(model)
+    inc = model.cached_form()
     specs = inc.cache_specs()
     cache_in = [{"name": f"cache_{n}", "shape": ["batch", *s], "dtype": "float32"} for n, s in specs]
     cache_out = [{"name": f"new_{n}", "shape": ["batch", *s], "dtype": "float32"} for n, s in specs]

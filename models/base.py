@@ -9,17 +9,17 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
 from .heads import LIKELIHOODS, make_head, nll_from_log_probs
 
-
-class ConfigError(ValueError):
-    """A model config is inconsistent or names an unknown field."""
+if TYPE_CHECKING:
+    from .incremental import IncrementalModel
 
 
 @dataclass
@@ -144,6 +144,12 @@ class AutoregressiveModel(GenerativeModel):
 
     def params(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def cached_form(self) -> IncrementalModel:
+        """The incremental (cached) form of this network, sharing its weights (models/incremental.py has
+        the shared machinery). A family without one decodes naively; the exporter then writes no
+        row/step graphs."""
+        raise TypeError(f"{type(self).__name__} has no cached form")
 
     def check_input(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
         if torch.jit.is_tracing():  # exported graphs have a symbolic batch; the exporter checks shapes itself

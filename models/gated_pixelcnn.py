@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError
+from .incremental import CachedConv, IncrementalModel, pointwise, pointwise_row
 from .layers import MaskedConv2d, check_group_multiple, gate
 
 
@@ -97,3 +98,91 @@ class GatedPixelCNN(AutoregressiveModel):
         for layer in self.layers:
             v, h = layer(v, h, labels)
         return self.out2(F.relu(self.out1(F.relu(h))))  # (B, P * C, H, W)
+
+    def cached_form(self) -> IncrementalGatedPixelCNN:
+        return IncrementalGatedPixelCNN(self)
+
+
+class IncrementalGatedPixelCNN(IncrementalModel):
+    """Caches, per gated layer: the vertical convolution's buffer of the vertical stack below it, the
+    link into the horizontal stack for the current row (computed once per row), and (after the first
+    layer) the horizontal convolution's one-row buffer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        w = model.config.width
+        self.v_convs = nn.ModuleList(CachedConv(layer.v_conv, w) for layer in model.layers)
+        self.h_convs = nn.ModuleList(CachedConv(layer.h_conv, w) for layer in model.layers)
+        self.n = len(model.layers)
+
+    def cache_specs(self) -> list[tuple[str, tuple[int, ...]]]:
+        c = self.config
+        specs: list[tuple[str, tuple[int, ...]]] = []
+        for i in range(self.n):
+            specs.append((f"v{i}", self.v_convs[i].buffer_shape()))
+            specs.append((f"link{i}", (2 * c.hidden, c.width)))
+            if i > 0:
+                specs.append((f"h{i}", self.h_convs[i].buffer_shape()))
+        return specs
+
+    def _split(self, caches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        v, link, h = [], [], []
+        it = iter(caches)
+        for i in range(self.n):
+            v.append(next(it))
+            link.append(next(it))
+            if i > 0:
+                h.append(next(it))
+        return v, link, h
+
+    def _join(self, v: list[torch.Tensor], link: list[torch.Tensor], h: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for i in range(self.n):
+            out += [v[i], link[i]] + ([h[i - 1]] if i > 0 else [])
+        return out
+
+    def _cond(self, layer: nn.Module, labels: torch.Tensor | None) -> torch.Tensor | None:
+        return None if layer.cond is None or labels is None else layer.cond(labels.long())  # (B, 2h)
+
+    def row(self, x_prev_row, has_prev, caches, labels=None):  # type: ignore[no-untyped-def]
+        v, _, h = self._split(caches)
+        new_v, new_link = [], []
+        below = None  # the previous layer's vertical output along the current row
+        for i, layer in enumerate(self.model.layers):
+            cached = self.v_convs[i]
+            if i == 0:
+                buf = cached.roll(cached.write_row(v[0], self.normalize(x_prev_row) * has_prev))
+            else:
+                buf = cached.write_row(cached.roll(v[i]), below)
+            v_pre = cached.row_out(buf)  # (B, 2h, W)
+            link = pointwise_row(layer.link, v_pre)
+            cond = self._cond(layer, labels)
+            if cond is not None:
+                v_pre = v_pre + cond[:, :, None]
+            below = gate(v_pre)  # (B, h, W)
+            new_v.append(buf)
+            new_link.append(link)
+        return self._join(new_v, new_link, [torch.zeros_like(b) for b in h])
+
+    def step(self, x_row, j, caches, labels=None):  # type: ignore[no-untyped-def]
+        m = self.model
+        v, link, hbufs = self._split(caches)
+        first = self.h_convs[0]
+        x_buf = F.pad(self.normalize(x_row), (first.pad, first.pad))  # (B, C, W + 2p): one buffer row
+        new_h = []
+        h = None
+        for i, layer in enumerate(m.layers):
+            if i == 0:
+                h_pre = first.at(x_buf, j)
+            else:
+                buf = self.h_convs[i].write_col(hbufs[i - 1], j, h)
+                new_h.append(buf)
+                h_pre = self.h_convs[i].at(buf, j)
+            h_pre = h_pre + link[i].index_select(2, j.reshape(1))[:, :, 0]
+            cond = self._cond(layer, labels)
+            if cond is not None:
+                h_pre = h_pre + cond
+            gated = gate(h_pre[:, :, None])[:, :, 0]  # (B, h)
+            h = gated if layer.h_out is None else h + pointwise(layer.h_out, gated)
+        out = pointwise(m.out2, F.relu(pointwise(m.out1, F.relu(h))))
+        return self.head_log_probs(out), self._join(v, link, new_h)

@@ -1,8 +1,9 @@
-"""Likelihood heads shared by every autoregressive model.
+"""Likelihood heads, shared by the autoregressive models and the VAE's decoder.
 
 Each head turns the network's raw parameters for one sub-pixel into the log-probabilities of the K levels
-that sub-pixel can take. Every consumer (the loss, the exported graphs, the runtime's inverse-CDF sampler,
-the Triton kernels) works with that one normalized (…, K) table, so a head is written once.
+that sub-pixel can take. The loss, the exported graphs and the runtime's inverse-CDF sampler work with that
+one normalized (…, K) table; the fused Triton decoders compute the bernoulli, categorical and logistic-mixture
+tables in-kernel (triton_kernels/decoders.py lists which) and are tested against these heads.
 
 [1]: van den Oord et al. 2016, Pixel Recurrent Neural Networks (the 256-way softmax),
      https://arxiv.org/abs/1601.06759

@@ -1,4 +1,6 @@
-"""The incremental (cached) form of the convolutional autoregressive models.
+"""The shared machinery of the incremental (cached) forms: cached convolutions over rolling buffers, the
+pointwise layers, the IncrementalModel base and the stepper. Each family's form lives beside its network
+and is what ``model.cached_form()`` returns (pixelcnn.py, gated_pixelcnn.py, pixelrnn.py).
 
 [1]: Ramachandran et al. 2017, Fast Generation for Convolutional Autoregressive Models,
      https://arxiv.org/abs/1704.06001 (each layer caches the inputs it will read again).
@@ -20,8 +22,8 @@ the memory is O(layers x kernel height x width x channels). Colour models call `
 sub-pixel: a layer's group-g output at (i, j) depends only on channels < g of x(i, j), so the call for
 channel k is exact for channel k, and the last call leaves every cache final.
 
-Writes use one-hot blends rather than scatter ops and reads use ``index_select``: both export to every
-backend and keep the graphs free of data-dependent shapes.
+Writes use ``index_copy`` (a ScatterElements in ONNX) and reads ``index_select`` on flat buffers: both
+export to every backend and keep the graphs free of data-dependent shapes.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MaskedConv2d, gate
+from .layers import MaskedConv2d
 
 
 class CachedConv(nn.Module):
@@ -148,146 +150,6 @@ class IncrementalModel(nn.Module):
         self, x_row: torch.Tensor, j: torch.Tensor, caches: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         raise NotImplementedError
-
-
-class IncrementalPixelCNN(IncrementalModel):
-    """Caches: the 7x7 input convolution's buffer of x, and each residual block's kxk buffer."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        w = model.config.width
-        self.input_conv = CachedConv(model.input_conv, w)
-        self.block_convs = nn.ModuleList(CachedConv(b.conv, w) for b in model.blocks)
-
-    def cache_specs(self) -> list[tuple[str, tuple[int, ...]]]:
-        specs = [("input", self.input_conv.buffer_shape())]
-        return specs + [(f"block{i}", c.buffer_shape()) for i, c in enumerate(self.block_convs)]
-
-    def row(self, x_prev_row, has_prev, caches, labels=None):  # type: ignore[no-untyped-def]
-        first = self.input_conv.write_row(caches[0], self.normalize(x_prev_row) * has_prev)
-        rest = [c.roll(buf) for c, buf in zip(self.block_convs, caches[1:], strict=True)]
-        return [self.input_conv.roll(first), *rest]
-
-    def step(self, x_row, j, caches, labels=None):  # type: ignore[no-untyped-def]
-        m = self.model
-        buf0 = self.input_conv.write_row(caches[0], self.normalize(x_row))
-        h = self.input_conv.at(buf0, j)  # (B, hidden)
-        bias = m.label_bias(labels, m.label_embedding)
-        if bias is not None:
-            h = h + bias[:, :, 0, 0]
-        new = [buf0]
-        shared = self.block_convs[0].indices(j) if len(self.block_convs) else None
-        for block, cached, buf in zip(m.blocks, self.block_convs, caches[1:], strict=True):
-            write, window = shared  # type: ignore[misc]
-            y = F.relu(pointwise(block.reduce, F.relu(h)))
-            buf = cached.write_at(buf, write, y)
-            new.append(buf)
-            y = cached.at_window(buf, window)
-            h = h + pointwise(block.expand, F.relu(y))
-        out = pointwise(m.out2, F.relu(pointwise(m.out1, F.relu(h))))  # (B, P * C)
-        return self.head_log_probs(out), new
-
-
-class IncrementalGatedPixelCNN(IncrementalModel):
-    """Caches, per gated layer: the vertical convolution's buffer of the vertical stack below it, the
-    link into the horizontal stack for the current row (computed once per row), and (after the first
-    layer) the horizontal convolution's one-row buffer."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        w = model.config.width
-        self.v_convs = nn.ModuleList(CachedConv(layer.v_conv, w) for layer in model.layers)
-        self.h_convs = nn.ModuleList(CachedConv(layer.h_conv, w) for layer in model.layers)
-        self.n = len(model.layers)
-
-    def cache_specs(self) -> list[tuple[str, tuple[int, ...]]]:
-        c = self.config
-        specs: list[tuple[str, tuple[int, ...]]] = []
-        for i in range(self.n):
-            specs.append((f"v{i}", self.v_convs[i].buffer_shape()))
-            specs.append((f"link{i}", (2 * c.hidden, c.width)))
-            if i > 0:
-                specs.append((f"h{i}", self.h_convs[i].buffer_shape()))
-        return specs
-
-    def _split(self, caches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        v, link, h = [], [], []
-        it = iter(caches)
-        for i in range(self.n):
-            v.append(next(it))
-            link.append(next(it))
-            if i > 0:
-                h.append(next(it))
-        return v, link, h
-
-    def _join(self, v: list[torch.Tensor], link: list[torch.Tensor], h: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for i in range(self.n):
-            out += [v[i], link[i]] + ([h[i - 1]] if i > 0 else [])
-        return out
-
-    def _cond(self, layer: nn.Module, labels: torch.Tensor | None) -> torch.Tensor | None:
-        return None if layer.cond is None or labels is None else layer.cond(labels.long())  # (B, 2h)
-
-    def row(self, x_prev_row, has_prev, caches, labels=None):  # type: ignore[no-untyped-def]
-        v, _, h = self._split(caches)
-        new_v, new_link = [], []
-        below = None  # the previous layer's vertical output along the current row
-        for i, layer in enumerate(self.model.layers):
-            cached = self.v_convs[i]
-            if i == 0:
-                buf = cached.roll(cached.write_row(v[0], self.normalize(x_prev_row) * has_prev))
-            else:
-                buf = cached.write_row(cached.roll(v[i]), below)
-            v_pre = cached.row_out(buf)  # (B, 2h, W)
-            link = pointwise_row(layer.link, v_pre)
-            cond = self._cond(layer, labels)
-            if cond is not None:
-                v_pre = v_pre + cond[:, :, None]
-            below = gate(v_pre)  # (B, h, W)
-            new_v.append(buf)
-            new_link.append(link)
-        return self._join(new_v, new_link, [torch.zeros_like(b) for b in h])
-
-    def step(self, x_row, j, caches, labels=None):  # type: ignore[no-untyped-def]
-        m = self.model
-        v, link, hbufs = self._split(caches)
-        first = self.h_convs[0]
-        x_buf = F.pad(self.normalize(x_row), (first.pad, first.pad))  # (B, C, W + 2p): one buffer row
-        new_h = []
-        h = None
-        for i, layer in enumerate(m.layers):
-            if i == 0:
-                h_pre = first.at(x_buf, j)
-            else:
-                buf = self.h_convs[i].write_col(hbufs[i - 1], j, h)
-                new_h.append(buf)
-                h_pre = self.h_convs[i].at(buf, j)
-            h_pre = h_pre + link[i].index_select(2, j.reshape(1))[:, :, 0]
-            cond = self._cond(layer, labels)
-            if cond is not None:
-                h_pre = h_pre + cond
-            gated = gate(h_pre[:, :, None])[:, :, 0]  # (B, h)
-            h = gated if layer.h_out is None else h + pointwise(layer.h_out, gated)
-        out = pointwise(m.out2, F.relu(pointwise(m.out1, F.relu(h))))
-        return self.head_log_probs(out), self._join(v, link, new_h)
-
-
-def incremental(model: nn.Module) -> IncrementalModel:
-    """The cached form of ``model``, sharing its weights."""
-    from .gated_pixelcnn import GatedPixelCNN
-    from .pixelcnn import PixelCNN
-    from .pixelrnn import DiagonalBiLSTM, IncrementalDiagonalBiLSTM, IncrementalRowLSTM, RowLSTM
-
-    if isinstance(model, RowLSTM):
-        return IncrementalRowLSTM(model)
-    if isinstance(model, DiagonalBiLSTM):
-        return IncrementalDiagonalBiLSTM(model)
-    if isinstance(model, GatedPixelCNN):
-        return IncrementalGatedPixelCNN(model)
-    if isinstance(model, PixelCNN):
-        return IncrementalPixelCNN(model)
-    raise TypeError(f"{type(model).__name__} has no cached form")
 
 
 class EagerStepper:

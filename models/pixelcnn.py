@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError
+from .incremental import CachedConv, IncrementalModel, pointwise
 from .layers import MaskedConv2d
 
 
@@ -72,3 +73,44 @@ class PixelCNN(AutoregressiveModel):
         for block in self.blocks:
             h = block(h)
         return self.out2(F.relu(self.out1(F.relu(h))))  # (B, P * C, H, W)
+
+    def cached_form(self) -> IncrementalPixelCNN:
+        return IncrementalPixelCNN(self)
+
+
+class IncrementalPixelCNN(IncrementalModel):
+    """Caches: the 7x7 input convolution's buffer of x, and each residual block's kxk buffer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        w = model.config.width
+        self.input_conv = CachedConv(model.input_conv, w)
+        self.block_convs = nn.ModuleList(CachedConv(b.conv, w) for b in model.blocks)
+
+    def cache_specs(self) -> list[tuple[str, tuple[int, ...]]]:
+        specs = [("input", self.input_conv.buffer_shape())]
+        return specs + [(f"block{i}", c.buffer_shape()) for i, c in enumerate(self.block_convs)]
+
+    def row(self, x_prev_row, has_prev, caches, labels=None):  # type: ignore[no-untyped-def]
+        first = self.input_conv.write_row(caches[0], self.normalize(x_prev_row) * has_prev)
+        rest = [c.roll(buf) for c, buf in zip(self.block_convs, caches[1:], strict=True)]
+        return [self.input_conv.roll(first), *rest]
+
+    def step(self, x_row, j, caches, labels=None):  # type: ignore[no-untyped-def]
+        m = self.model
+        buf0 = self.input_conv.write_row(caches[0], self.normalize(x_row))
+        h = self.input_conv.at(buf0, j)  # (B, hidden)
+        bias = m.label_bias(labels, m.label_embedding)
+        if bias is not None:
+            h = h + bias[:, :, 0, 0]
+        new = [buf0]
+        shared = self.block_convs[0].indices(j) if len(self.block_convs) else None
+        for block, cached, buf in zip(m.blocks, self.block_convs, caches[1:], strict=True):
+            write, window = shared  # type: ignore[misc]
+            y = F.relu(pointwise(block.reduce, F.relu(h)))
+            buf = cached.write_at(buf, write, y)
+            new.append(buf)
+            y = cached.at_window(buf, window)
+            h = h + pointwise(block.expand, F.relu(y))
+        out = pointwise(m.out2, F.relu(pointwise(m.out1, F.relu(h))))  # (B, P * C)
+        return self.head_log_probs(out), new

@@ -125,6 +125,9 @@ class RowLSTM(PixelRNNBase):
             rows.append(h)
         return torch.stack(rows, dim=2)
 
+    def cached_form(self) -> IncrementalModel:
+        return IncrementalRowLSTM(self)
+
 
 def skew(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, H, W + H - 1): row i moves i columns right."""
@@ -182,6 +185,9 @@ class DiagonalBiLSTM(PixelRNNBase):
 
 
 # ---------------------------------------------------------------- cached forms
+
+    def cached_form(self) -> IncrementalModel:
+        return IncrementalDiagonalBiLSTM(self)
 
 
 class _IncrementalPixelRNN(IncrementalModel):

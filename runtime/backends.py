@@ -18,10 +18,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .decoding import Stepper
-
-
-class RuntimeBackendError(RuntimeError):
-    """A backend cannot run here (missing package, no CUDA device) or cannot load a graph."""
+from .errors import RuntimeBackendError
 
 
 class Backend(Protocol):

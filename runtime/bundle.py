@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import BundleError
+
 BUNDLE_FORMAT = "genforge-bundle"
 BUNDLE_VERSION = 2  # what the exporter writes; docs/bundle.md says what each version changed
 READABLE_VERSIONS = (1, 2)  # version 1 lacks only optional fields (source.data, source.seed, max_scaled_diff)
@@ -20,8 +22,6 @@ MANIFEST = "manifest.json"
 GRAPH_FORMATS = ("onnx", "torchscript")
 
 
-class BundleError(ValueError):
-    """A bundle is missing, truncated, tampered with, foreign or of an unknown version."""
 
 
 def sha256_file(path: str | Path) -> str:

@@ -14,6 +14,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from .errors import LockError
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
@@ -55,8 +57,6 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 LOCK_FILE = ".genforge.lock"
 
 
-class LockError(RuntimeError):
-    """Another process holds the lock of a directory this one wants to write."""
 
 
 @contextlib.contextmanager

@@ -10,13 +10,10 @@ import numpy as np
 from .backends import Backend
 from .bundle import Bundle
 from .decoding import cached_decode, naive_decode
+from .errors import InputError
 from .latent import levels_from_log_probs, levels_from_mean
 from .progress import Progress, chunks
 from .randomness import normals, uniforms
-
-
-class InputError(ValueError):
-    """Arguments that do not fit the bundle (image shape, levels, labels)."""
 
 
 def available_memory() -> int | None:

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .backends import RuntimeBackendError
-from .bundle import Bundle, BundleError
+from .bundle import Bundle
 from .decoding import Stepper
+from .errors import BundleError, RuntimeBackendError
 
 
 class TritonBackend:
@@ -91,9 +91,9 @@ class TritonBackend:
             return [self.model(x, lab).float().cpu().numpy()]
 
     def stepper(self) -> Stepper:
-        from genforge.models.incremental import EagerStepper, incremental
+        from genforge.models.incremental import EagerStepper
 
-        return EagerStepper(incremental(self.model), self.torch.float32)
+        return EagerStepper(self.model.cached_form(), self.torch.float32)
 
     @property
     def fused(self) -> bool:

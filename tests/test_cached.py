@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from genforge.models import build_model
-from genforge.models.incremental import EagerStepper, incremental
+from genforge.models.incremental import EagerStepper
 from genforge.runtime.decoding import cached_decode, naive_decode
 from genforge.runtime.randomness import uniforms
 
@@ -48,7 +48,7 @@ def check_exact(model, batch: int = 3, seed: int = 0, rows: int = 0) -> None:  #
     if rows:
         prefix = np.random.default_rng(seed).integers(0, c.levels, (batch, c.height, c.width, c.channels))
         prefix = prefix.astype(np.uint8)
-    stepper = RecordingStepper(incremental(model), torch.float64)
+    stepper = RecordingStepper(model.cached_form(), torch.float64)
     cached = cached_decode(stepper, u, labels=labels, levels=c.levels, prefix=prefix, start_row=rows)
     naive = naive_decode(float64_forward(model), u, labels=labels, levels=c.levels, prefix=prefix, start_row=rows)
     np.testing.assert_array_equal(cached, naive)
@@ -122,6 +122,6 @@ def test_cache_memory_is_rows_times_width() -> None:
     """O(layers x kernel height x width x channels): no cache holds a whole image."""
     cfg = tiny_config(1, 28, 28, 2, "bernoulli", layers=3, hidden=12)
     for name in MODELS:
-        inc = incremental(build_model(name, cfg))
+        inc = build_model(name, cfg).cached_form()
         for cache_name, shape in inc.cache_specs():
             assert np.prod(shape) <= 12 * 2 * 4 * (28 + 6), (name, cache_name, shape)

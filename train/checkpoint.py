@@ -24,6 +24,8 @@ from genforge.models import build_model, get_spec
 from genforge.models.base import ConfigError, ImageConfig
 from genforge.runtime.files import atomic_open, atomic_write_bytes
 
+from .errors import CheckpointError
+
 RUN_FORMAT = "genforge-run"
 RUN_VERSION = 1
 STATE_FORMAT = "genforge-trainer-state"
@@ -34,8 +36,6 @@ STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
-class CheckpointError(ValueError):
-    """A run directory or checkpoint is missing, corrupt, foreign or of an unknown version."""
 
 
 def read_json(path: str | Path, what: str) -> Any:

@@ -29,13 +29,13 @@ from typing import ClassVar
 
 import numpy as np
 
+from .errors import DataError
+
 SPLITS = ("train", "valid", "test")
 DATASETS = ("digits", "binarized-mnist", "mnist", "fashion-mnist", "cifar10", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class DataError(ValueError):
-    """A data file is missing or malformed, or a data set request cannot be met."""
 
 
 @dataclass

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from genforge.models import GAN, VAE, AutoregressiveModel, LatentModel
-from genforge.models.incremental import EagerStepper, incremental
+from genforge.models.incremental import EagerStepper
 from genforge.runtime.decoding import cached_decode, naive_decode
 from genforge.runtime.latent import levels_from_log_probs, levels_from_mean
 from genforge.runtime.randomness import normals, uniforms
 
 from .data import ImageData
+from .errors import TrainingError
 
 
 class Objective(Protocol):
@@ -71,7 +72,7 @@ class AutoregressiveObjective:
         c = model.config
         u = uniforms(seed, 0, n, (c.height, c.width, c.channels))
         try:
-            stepper = EagerStepper(incremental(model), next(model.parameters()).dtype)
+            stepper = EagerStepper(model.cached_form(), next(model.parameters()).dtype)
         except TypeError:
             return naive_decode(self._forward(model), u, labels=labels, levels=c.levels)
         return cached_decode(stepper, u, labels=labels, levels=c.levels)
@@ -199,8 +200,6 @@ class GANObjective:
 
     def train_step(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], step: int,
                    lr: float) -> dict[str, float]:
-        from .trainer import TrainingError
-
         for opt in (self.opt_d, self.opt_g):
             for group in opt.param_groups:
                 group["lr"] = lr

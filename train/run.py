@@ -18,12 +18,9 @@ from genforge.runtime.files import LOCK_FILE, atomic_write_json, exclusive_lock
 from . import checkpoint as ckpt
 from .data import DataError, ImageData, load_dataset
 from .distributed import from_env, init
+from .errors import UsageError
 from .objectives import objective_for
 from .trainer import TrainConfig, Trainer, TrainingError, choose_threads, resolve_device
-
-
-class UsageError(ValueError):
-    """The options asked for cannot be honoured (an existing output directory, a bad override)."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ from genforge.runtime.progress import Progress, chunks
 from . import checkpoint as ckpt
 from .data import ImageData, dynamic_binarize
 from .distributed import DistInfo, barrier
+from .errors import TrainingError
 from .objectives import Objective
 
 SCHEDULES = ("cosine", "constant")
@@ -54,8 +55,6 @@ def _tensorboard(log_dir: Path) -> Any:
     return SummaryWriter(log_dir=str(log_dir))
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (a NaN loss, a resume that does not match the run)."""
 
 
 @dataclass
