@@ -1,8 +1,8 @@
 """Export a trained run to a bundle of ONNX and/or TorchScript graphs, verified against eager PyTorch.
 
-Each family says which graphs it exports (``graph_defs``): a wrapper module with named inputs and outputs
-and a way to draw random inputs. Every graph is verified after export: eager and exported outputs are
-compared on fresh random inputs at a batch size other than the one traced (so the dynamic batch
+Each model says which graphs it exports (``model.export_graphs()``, models/graphs.py): a wrapper module
+with named inputs and outputs and a way to draw random inputs. Every graph is verified after export: eager
+and exported outputs are compared on fresh random inputs at a batch size other than the one traced (so the dynamic batch
 dimension is exercised too); the largest difference goes into the manifest and the export fails if it
 exceeds the tolerance.
 
@@ -21,18 +21,14 @@ import secrets
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from genforge.models import GAN, VAE, AutoregressiveModel, LatentModel
-from genforge.models.incremental import IncrementalModel
+from genforge.models.graphs import GraphDef
 from genforge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FORMATS, MANIFEST, read_bundle, sha256_file
 from genforge.runtime.files import atomic_write_json, exclusive_lock
 from genforge.train.checkpoint import load_run, save_weights
@@ -44,156 +40,6 @@ DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4  # max |eager - exported| / (1 + |eager| / 50) on float32 outputs (verify)
 
 
-
-
-@dataclass
-class GraphDef:
-    """A graph to export: a module taking positional tensors named ``inputs`` and returning ``outputs``."""
-
-    name: str
-    module: nn.Module
-    inputs: list[dict[str, Any]]  # {"name", "shape" (with "batch"), "dtype"}
-    outputs: list[dict[str, Any]]
-    make_inputs: Callable[[int, torch.Generator], tuple[torch.Tensor, ...]]
-
-
-class _MethodGraph(nn.Module):
-    """A model method as a graph: (input [, labels]) -> its output(s). forward, encode, decode, generate."""
-
-    def __init__(self, model: nn.Module, method: str) -> None:
-        super().__init__()
-        self.model = model
-        self.method = method
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
-        return getattr(self.model, self.method)(x, labels)
-
-
-class _CachedGraph(nn.Module):
-    """The incremental form's ``step`` or ``row``: (row input, column or flag, *caches [, labels]).
-
-    step -> (log_probs (B, C, K), *caches); row -> *caches.
-    """
-
-    def __init__(self, inc: IncrementalModel, method: str, conditional: bool) -> None:
-        super().__init__()
-        self.inc = inc
-        self.method = method
-        self.conditional = conditional
-
-    def forward(self, x_row: torch.Tensor, where: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        caches, labels = (list(rest[:-1]), rest[-1]) if self.conditional else (list(rest), None)
-        if self.method == "step":
-            log_probs, new = self.inc.step(x_row, where, caches, labels)
-            return (log_probs, *new)
-        return tuple(self.inc.row(x_row, where, caches, labels))
-
-
-def _label_inputs(c: Any) -> list[dict[str, Any]]:
-    return [{"name": "labels", "shape": ["batch"], "dtype": "int64"}] if c.num_classes else []
-
-
-def _random_labels(c: Any, batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    return (torch.randint(0, c.num_classes, (batch,), generator=g),) if c.num_classes else ()
-
-
-def _random_images(c: Any, batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Random levels (B, C, H, W) as float32 [, labels]."""
-    x = torch.randint(0, c.levels, (batch, c.channels, c.height, c.width), generator=g).float()
-    return (x, *_random_labels(c, batch, g))
-
-
-def _random_latents(c: Any, batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    return (torch.randn(batch, c.latent_size, generator=g), *_random_labels(c, batch, g))
-
-
-def cached_graphs(model: AutoregressiveModel) -> list[GraphDef]:
-    """The ``row`` and ``step`` graphs of the incremental form; caches are explicit inputs and outputs."""
-    c = model.config
-    inc = model.cached_form()
-    specs = inc.cache_specs()
-    cache_in = [{"name": f"cache_{n}", "shape": ["batch", *s], "dtype": "float32"} for n, s in specs]
-    cache_out = [{"name": f"new_{n}", "shape": ["batch", *s], "dtype": "float32"} for n, s in specs]
-    label_in = _label_inputs(c)
-    row_x = {"shape": ["batch", c.channels, c.width], "dtype": "float32"}
-
-    def random_caches(batch: int, g: torch.Generator) -> list[torch.Tensor]:
-        # Random caches exercise every weight; zeros would hide a wrong one.
-        return [torch.randn((batch, *s), generator=g) for _, s in specs]
-
-    def make_step(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        x = torch.randint(0, c.levels, (batch, c.channels, c.width), generator=g).float()
-        j = torch.randint(0, c.width, (1,), generator=g)
-        return (x, j, *random_caches(batch, g), *_random_labels(c, batch, g))
-
-    def make_row(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        x = torch.randint(0, c.levels, (batch, c.channels, c.width), generator=g).float()
-        return (x, torch.ones(1), *random_caches(batch, g), *_random_labels(c, batch, g))
-
-    lp = {"name": "log_probs", "shape": ["batch", c.channels, c.levels], "dtype": "float32"}
-    return [
-        GraphDef(
-            "step", _CachedGraph(inc, "step", bool(c.num_classes)),
-            [{"name": "x_row", **row_x}, {"name": "j", "shape": [1], "dtype": "int64"}, *cache_in, *label_in],
-            [lp, *cache_out], make_step,
-        ),
-        GraphDef(
-            "row", _CachedGraph(inc, "row", bool(c.num_classes)),
-            [{"name": "x_prev_row", **row_x}, {"name": "has_prev", "shape": [1], "dtype": "float32"},
-             *cache_in, *label_in],
-            cache_out, make_row,
-        ),
-    ]
-
-
-def autoregressive_graphs(model: AutoregressiveModel) -> list[GraphDef]:
-    c = model.config
-    inputs = [{"name": "x", "shape": ["batch", c.channels, c.height, c.width], "dtype": "float32"}, *_label_inputs(c)]
-    out = {"name": "log_probs", "shape": ["batch", c.channels, c.height, c.width, c.levels], "dtype": "float32"}
-    graphs = [GraphDef("forward", _MethodGraph(model, "__call__"), inputs, [out],
-                       lambda batch, g: _random_images(c, batch, g))]
-    try:
-        return graphs + cached_graphs(model)
-    except TypeError:  # a model without a cached form: the bundle serves naive decoding only
-        return graphs
-
-
-def latent_graphs(model: LatentModel) -> list[GraphDef]:
-    """``encode``: x -> mean[, logvar]; ``decode``: z -> log_probs (VAE) or the reconstruction (autoencoder)."""
-    c = model.config
-    label_in = _label_inputs(c)
-    z_spec = {"shape": ["batch", c.latent_size], "dtype": "float32"}
-    vae = isinstance(model, VAE)
-    enc_out = [{"name": "mean", **z_spec}] + ([{"name": "logvar", **z_spec}] if vae else [])
-    image = ["batch", c.channels, c.height, c.width]
-    dec_out = ({"name": "log_probs", "shape": [*image, c.levels], "dtype": "float32"} if vae
-               else {"name": "x_mean", "shape": image, "dtype": "float32"})
-    x_in = {"name": "x", "shape": image, "dtype": "float32"}
-    return [
-        GraphDef("encode", _MethodGraph(model, "encode"), [x_in, *label_in], enc_out,
-                 lambda batch, g: _random_images(c, batch, g)),
-        GraphDef("decode", _MethodGraph(model, "decode"), [{"name": "z", **z_spec}, *label_in], [dec_out],
-                 lambda batch, g: _random_latents(c, batch, g)),
-    ]
-
-
-def gan_graphs(model: GAN) -> list[GraphDef]:
-    """``generate``: z [, labels] -> images in [-1, 1] (batch norm in inference mode)."""
-    c = model.config
-    out = {"name": "x_mean", "shape": ["batch", c.channels, c.height, c.width], "dtype": "float32"}
-    z_in = {"name": "z", "shape": ["batch", c.latent_size], "dtype": "float32"}
-    return [GraphDef("generate", _MethodGraph(model, "generate"), [z_in, *_label_inputs(c)], [out],
-                     lambda batch, g: _random_latents(c, batch, g))]
-
-
-def graph_defs(model: nn.Module) -> list[GraphDef]:
-    if isinstance(model, GAN):
-        return gan_graphs(model)
-    if isinstance(model, AutoregressiveModel):
-        return autoregressive_graphs(model)
-    if isinstance(model, LatentModel):
-        return latent_graphs(model)
-    raise ExportError(f"no exporter for {type(model).__name__}")
 
 
 @contextlib.contextmanager
@@ -336,7 +182,7 @@ def _export_locked(
     model = model.float().cpu().eval()
     # Wrappers in eval mode too: the ONNX exporter restores each wrapper's own mode afterwards, recursively,
     # which would put batch norm back into training mode before verification.
-    defs = graph_defs(model)
+    defs = model.export_graphs()
     for g in defs:
         g.module.eval()
 
@@ -368,23 +214,16 @@ def _export_locked(
         # The weights travel too: the Triton backend runs its own kernels on them rather than a graph.
         save_weights(tmp / WEIGHTS, model)
         cfg = model.config
-        prior = None
-        if isinstance(model, (LatentModel, GAN)):  # what z is drawn from: N(0, I), or the AE's fitted Gaussian
-            mean = getattr(model, "latent_mean", torch.zeros(cfg.latent_size))
-            std = getattr(model, "latent_std", torch.ones(cfg.latent_size))
-            prior = {"mean": mean.tolist(), "std": std.tolist()}
         manifest = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
-            "family": type(model).family,
+            "family": model.family,
             "model": run.model,
             "model_config": cfg.to_dict(),
             "image": {"channels": cfg.channels, "height": cfg.height, "width": cfg.width},
             "levels": cfg.levels,
-            "likelihood": getattr(cfg, "likelihood", None),
             "num_classes": cfg.num_classes,
-            "latent_size": getattr(cfg, "latent_size", None),
-            "prior": prior,
+            **model.bundle_fields(),  # likelihood, latent_size, prior
             "graphs": graphs,
             "decoders": ["naive", "cached"] if any(k.startswith("step.") for k in graphs) else ["naive"],
             "parity": parity,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .graphs import GraphDef, autoregressive_graphs
 from .heads import LIKELIHOODS, make_head, nll_from_log_probs
 
 if TYPE_CHECKING:
@@ -106,6 +107,15 @@ class GenerativeModel(nn.Module):
         config.validate()
         self.config = config
 
+    def export_graphs(self) -> list[GraphDef]:
+        """The graphs a bundle of this model holds (models/graphs.py), each with names, shapes and a way to
+        draw random inputs; the exporter exports and verifies whatever a model lists."""
+        raise NotImplementedError(f"{type(self).__name__} lists no export graphs")
+
+    def bundle_fields(self) -> dict[str, Any]:
+        """The manifest fields a sampler needs beyond the image: likelihood, latent size and prior."""
+        return {"likelihood": getattr(self.config, "likelihood", None), "latent_size": None, "prior": None}
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Levels 0..K-1 -> [-1, 1], in the dtype of the model's weights."""
         dtype = next(self.parameters()).dtype
@@ -144,6 +154,9 @@ class AutoregressiveModel(GenerativeModel):
 
     def params(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def export_graphs(self) -> list[GraphDef]:
+        return autoregressive_graphs(self)
 
     def cached_form(self) -> IncrementalModel:
         """The incremental (cached) form of this network, sharing its weights (models/incremental.py has

@@ -14,13 +14,14 @@ convolutions. Conditioning: the one-hot label is appended to z, and to D's input
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import ConfigError, GenerativeModel, ImageConfig
+from .graphs import GraphDef, gan_graphs
 
 
 @dataclass
@@ -89,6 +90,13 @@ class Discriminator(nn.Module):
 class GAN(GenerativeModel):
     family: ClassVar[str] = "gan"
     config: GANConfig
+
+    def export_graphs(self) -> list[GraphDef]:
+        return gan_graphs(self)
+
+    def bundle_fields(self) -> dict[str, Any]:
+        z = self.config.latent_size
+        return {**super().bundle_fields(), "latent_size": z, "prior": {"mean": [0.0] * z, "std": [1.0] * z}}
 
     def __init__(self, config: GANConfig) -> None:
         super().__init__(config)

@@ -19,13 +19,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import ConfigError, GenerativeModel, ImageConfig, check_likelihood
+from .graphs import GraphDef, latent_graphs
 from .heads import make_head
 
 
@@ -110,7 +111,21 @@ class Decoder(nn.Module):
 
 class LatentModel(GenerativeModel):
     family: ClassVar[str] = "latent"
+    variational: ClassVar[bool] = False  # a VAE: encode gives (mean, logvar), decode level log-probabilities
     config: LatentConfig
+
+    def export_graphs(self) -> list[GraphDef]:
+        return latent_graphs(self)
+
+    def latent_prior(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the Gaussian z is drawn from to sample: N(0, I) unless a family fits its own."""
+        z = self.config.latent_size
+        return torch.zeros(z), torch.ones(z)
+
+    def bundle_fields(self) -> dict[str, Any]:
+        mean, std = self.latent_prior()
+        return {**super().bundle_fields(), "latent_size": self.config.latent_size,
+                "prior": {"mean": mean.tolist(), "std": std.tolist()}}
 
     def with_labels(self, v: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         oh = self.one_hot(labels, v)
@@ -138,6 +153,10 @@ class Autoencoder(LatentModel):
         self.register_buffer("latent_mean", torch.zeros(c.latent_size))
         self.register_buffer("latent_std", torch.ones(c.latent_size))
 
+    def latent_prior(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running mean and std of the codes seen in training: an autoencoder's codes are not N(0, I)."""
+        return self.latent_mean, self.latent_std
+
     def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
         return self.enc_out(self.with_labels(self.encoder(self.normalize(x)), labels))
@@ -160,6 +179,7 @@ class Autoencoder(LatentModel):
 class VAE(LatentModel):
     """q(z|x) = N(mu, diag(exp(logvar))), p(z) = N(0, I), p(x|z) one of the shared likelihood heads."""
 
+    variational: ClassVar[bool] = True
     config: VAEConfig
 
     def __init__(self, config: VAEConfig) -> None:

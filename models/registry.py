@@ -1,7 +1,7 @@
 """One registry from model name to its config class and constructor.
 
-The CLI's ``--model`` choices, the run directory loader and the exporter all read this table, so a model
-added here appears everywhere at once.
+The run directory loader, the trainer and the Triton backend build models from this table; the CLI's
+``--model`` choices mirror it without importing torch (``cli/common.MODEL_CHOICES``, tied to it by a test).
 """
 
 from __future__ import annotations

@@ -387,7 +387,7 @@ def test_a_trained_model_exports_at_the_default_tolerance(tmp_path: Path, monkey
     if likelihood == "bernoulli":  # the control: the old formulation fails on this very model
         monkeypatch.setattr(heads, "log_sigmoid", F.logsigmoid)
         net = ckpt.load_run(run)[0].float().eval()
-        forward = next(g for g in exporter.graph_defs(net) if g.name == "forward")
+        forward = next(g for g in net.export_graphs() if g.name == "forward")
         exporter._export_onnx(forward, tmp_path / "old.onnx", forward.make_inputs(2, torch.Generator()), 17)
         worst = max(exporter.verify("onnx", tmp_path / "old.onnx", forward, batch=32, seed=s)["max_scaled_diff"]
                     for s in range(4))

@@ -70,7 +70,7 @@ def _eager_scorer(run_dir: Path) -> Scorer:
 
         return Scorer(family, cfg, log_probs=log_probs, sample=sample)
     if family == "latent":
-        vae = hasattr(model, "elbo_terms")
+        vae = model.variational
 
         def encode(x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
             with torch.no_grad():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genforge.models import GAN, VAE, AutoregressiveModel, LatentModel
+from genforge.models import GAN, AutoregressiveModel, LatentModel
 from genforge.models.incremental import EagerStepper
 from genforge.runtime.decoding import cached_decode, naive_decode
 from genforge.runtime.latent import levels_from_log_probs, levels_from_mean
@@ -94,7 +94,7 @@ class LatentObjective:
     data also the k-sample importance-weighted NLL estimate. Autoencoder: the L2 reconstruction loss."""
 
     def __init__(self, model: LatentModel, kl_warmup_steps: int = 0, iw_samples: int = 8) -> None:
-        self.is_vae = isinstance(model, VAE)
+        self.is_vae = model.variational
         self.kl_warmup_steps = kl_warmup_steps
         self.iw_samples = iw_samples
         self.step = 0
@@ -145,7 +145,8 @@ class LatentObjective:
         lab = None if labels is None else torch.from_numpy(labels).to(p.device)
         if self.is_vae:
             return levels_from_log_probs(model.decode(eps, lab).double().cpu().numpy())
-        z = model.latent_mean + model.latent_std * eps
+        mean, std = model.latent_prior()
+        z = mean + std * eps
         return levels_from_mean(model.decode(z, lab).double().cpu().numpy(), c.levels)
 
 
