@@ -58,10 +58,9 @@ def _eager_scorer(run_dir: Path) -> Scorer:
         return torch.from_numpy(a.astype(np.float32) if a.dtype.kind == "f" else a)
 
     objective = objective_for(model)
-    sample = None
-    if hasattr(objective, "sample"):
-        def sample(n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
-            return objective.sample(model, n, seed, labels)
+
+    def sample(n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
+        return objective.sample(model, n, seed, labels)
 
     if family == "autoregressive":
         def log_probs(x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
@@ -75,7 +74,7 @@ def _eager_scorer(run_dir: Path) -> Scorer:
         def encode(x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
             with torch.no_grad():
                 out = model.encode(t(x), t(y))
-            if isinstance(out, tuple):
+            if vae:  # (mean, logvar); an autoencoder's code is exact: log-variance zero
                 return out[0].numpy(), out[1].numpy()
             return out.numpy(), np.zeros_like(out.numpy())
 

@@ -1,20 +1,22 @@
 """Objectives: what the trainer minimizes, how a held-out split is scored, and how to draw a sample grid.
 
-The trainer only calls these three methods, so it never looks inside a model.
+The trainer calls only the methods of the Objective base class (its default train step is one batch
+through ``loss``), so it never looks inside a model; ``objective_for`` picks a family's objective by the
+model's ``family`` string.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genforge.models import GAN, AutoregressiveModel, LatentModel
+from genforge.models import AutoregressiveModel, LatentModel
 from genforge.models.incremental import EagerStepper
 from genforge.runtime.decoding import cached_decode, naive_decode
 from genforge.runtime.latent import levels_from_log_probs, levels_from_mean
@@ -24,26 +26,60 @@ from .data import ImageData
 from .errors import TrainingError
 
 
-class Objective(Protocol):
+class Objective:
+    """What a family's training minimizes, how a held-out split is scored and how a sample grid is drawn.
+
+    The trainer knows a model only through this class. A family overrides ``loss``, ``evaluate`` and
+    ``summarize`` (or ``evaluate_all``) and ``sample``; the default ``train_step`` is one batch through
+    ``loss`` with the trainer's optimizer, and a family that trains otherwise (the GAN's two players)
+    overrides ``make_optimizer`` and ``train_step`` and keeps its state in ``state_dict``.
+    """
+
+    batches_per_step: int = 1  # training batches one step consumes (the GAN's k discriminator batches)
+    supports_ddp: bool = True  # the default step runs under DistributedDataParallel; a custom one may not
+
+    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer | None:
+        """The optimizer the default train step uses (AdamW); None for an objective that owns its own."""
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
     def loss(
         self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """x: (B, C, H, W) int64 levels. Returns the scalar to minimize and per-batch metrics."""
-        ...
+        raise NotImplementedError
+
+    def train_step(self, trainer: Any, step: int, lr: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """One optimizer step at ``lr``: ``trainer.optimization_step`` runs ``loss`` on the step's batch
+        (through DDP and autocast where the trainer has them), clips and steps the optimizer."""
+        return trainer.optimization_step(step, lr)
+
+    def set_step(self, step: int) -> None:
+        """Called before each step (schedules inside the objective, e.g. the VAE's KL warm-up)."""
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
         """Sums over the batch of per-image scores; the trainer divides by the number of images."""
-        ...
+        raise NotImplementedError
 
     def summarize(self, totals: dict[str, float], n_images: int) -> dict[str, float]:
-        ...
+        raise NotImplementedError
+
+    def evaluate_all(self, model: nn.Module, data: ImageData, limit: int = 0) -> dict[str, float] | None:
+        """Metrics over a whole split at once (sample quality), or None to score it batch by batch."""
+        return None
 
     def sample(self, model: nn.Module, n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
         """uint8 (n, H, W, C)."""
-        ...
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, object]:
+        """What exact resume needs beyond the model, the trainer's optimizer and the RNG."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        pass
 
 
-class AutoregressiveObjective:
+class AutoregressiveObjective(Objective):
     """Exact negative log-likelihood in nats per image; bits per dimension for reporting."""
 
     def __init__(self, dims: int) -> None:
@@ -68,7 +104,6 @@ class AutoregressiveObjective:
     def sample(self, model: nn.Module, n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
         """The runtime's cached decoding loop over the model's incremental form (the naive loop for models
         without one), with the runtime's randomness: the grid shows what the exported bundle will draw."""
-        assert isinstance(model, AutoregressiveModel)
         c = model.config
         u = uniforms(seed, 0, n, (c.height, c.width, c.channels))
         try:
@@ -89,7 +124,7 @@ class AutoregressiveObjective:
         return forward
 
 
-class LatentObjective:
+class LatentObjective(Objective):
     """VAE: the negative ELBO, reported as its two terms, with an optional linear KL warm-up; on held-out
     data also the k-sample importance-weighted NLL estimate. Autoencoder: the L2 reconstruction loss."""
 
@@ -165,7 +200,7 @@ def generator_loss(logits: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown generator loss {kind!r}; choose one of {', '.join(GAN_LOSSES)}")
 
 
-class GANObjective:
+class GANObjective(Objective):
     """Algorithm 1 of Goodfellow et al. 2014: k discriminator steps (each on a fresh real batch) per
     generator step, Adam with the customary betas (0.5, 0.999).
 
@@ -191,6 +226,11 @@ class GANObjective:
         self.feature_net: object = None
         self.flat_steps = 0
 
+    supports_ddp = False
+
+    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer | None:
+        return None  # the two players' Adam optimizers are this objective's own
+
     def state_dict(self) -> dict[str, object]:
         return {"opt_d": self.opt_d.state_dict(), "opt_g": self.opt_g.state_dict(), "flat_steps": self.flat_steps}
 
@@ -199,8 +239,14 @@ class GANObjective:
         self.opt_g.load_state_dict(state["opt_g"])  # type: ignore[arg-type]
         self.flat_steps = int(state["flat_steps"])  # type: ignore[call-overload]
 
-    def train_step(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], step: int,
-                   lr: float) -> dict[str, float]:
+    def train_step(self, trainer: Any, step: int, lr: float) -> tuple[torch.Tensor, dict[str, float]]:
+        batches = [trainer.batch(step * self.batches_per_step + i) for i in range(self.batches_per_step)]
+        metrics = self.players_step(trainer.model, batches, step, lr)
+        return torch.tensor(metrics.pop("loss")), metrics
+
+    def players_step(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], step: int,
+                     lr: float) -> dict[str, float]:
+        """Algorithm 1's inner loop: k discriminator updates, then one generator update."""
         for opt in (self.opt_d, self.opt_g):
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -274,11 +320,13 @@ class GANObjective:
 def objective_for(model: nn.Module, kl_warmup_steps: int = 0, iw_samples: int = 8, *, gan_k: int = 1,
                   gan_loss: str = "non-saturating", lr: float = 2e-4,
                   train_data: ImageData | None = None) -> Objective:
-    if isinstance(model, AutoregressiveModel):
+    """The objective of the model's family (``model.family``), with the family's options."""
+    family = getattr(model, "family", "")
+    if family == "autoregressive":
         c = model.config
         return AutoregressiveObjective(c.channels * c.height * c.width)
-    if isinstance(model, LatentModel):
+    if family == "latent":
         return LatentObjective(model, kl_warmup_steps, iw_samples)
-    if isinstance(model, GAN):
-        return GANObjective(model, k=gan_k, loss=gan_loss, lr=lr, train_data=train_data)  # type: ignore[return-value]
-    raise TypeError(f"no training objective for {type(model).__name__}")
+    if family == "gan":
+        return GANObjective(model, k=gan_k, loss=gan_loss, lr=lr, train_data=train_data)
+    raise TypeError(f"no training objective for {type(model).__name__} (family {family!r})")

@@ -178,11 +178,9 @@ class Trainer:
         self.device = device or torch.device("cpu")
         self.show_progress = progress and self.dist.is_main
         self.model.to(self.device)
-        # An objective with its own train_step (the GAN's two players) owns its optimizers.
-        self.custom_step = hasattr(objective, "train_step")
-        self.optimizer = None if self.custom_step else torch.optim.AdamW(
-            model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.batches_per_step = int(getattr(objective, "batches_per_step", 1))
+        # None when the objective owns its optimizers (the GAN's two players).
+        self.optimizer = objective.make_optimizer(model, config.lr, config.weight_decay)
+        self.batches_per_step = objective.batches_per_step
         n = len(train_data)
         self.batches_per_epoch = max(1, n // config.batch_size)
         self.steps_per_epoch = max(1, self.batches_per_epoch // self.batches_per_step)
@@ -190,8 +188,8 @@ class Trainer:
         self.step = 0
         self.ddp: nn.Module | None = None
         if self.dist.enabled:
-            if self.custom_step:
-                raise TrainingError("distributed training of models with their own train step (GAN) is not supported")
+            if not objective.supports_ddp:
+                raise TrainingError(f"distributed training of {type(objective).__name__} is not supported")
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -255,7 +253,7 @@ class Trainer:
                 "step": self.step,
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
-                "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else {},
+                "objective": self.objective.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "ema": self.ema or {},
@@ -283,8 +281,7 @@ class Trainer:
             ckpt.load_state_checked(self.model, state["model"], self.state_path)
             if self.optimizer is not None:
                 self.optimizer.load_state_dict(state["optimizer"])
-            if hasattr(self.objective, "load_state_dict"):
-                self.objective.load_state_dict(state["objective"])
+            self.objective.load_state_dict(state["objective"])
             torch.set_rng_state(state["torch_rng"])
             if state["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -324,8 +321,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: ImageData, limit: int = 0) -> dict[str, float]:
-        if hasattr(self.objective, "evaluate_all"):  # metrics over the whole split (sample quality)
-            return self.objective.evaluate_all(self.model, data, limit)
+        whole = self.objective.evaluate_all(self.model, data, limit)  # e.g. sample quality
+        if whole is not None:
+            return whole
         self.model.eval()
         n = len(data) if not limit else min(limit, len(data))
         totals: dict[str, float] = {}
@@ -343,7 +341,7 @@ class Trainer:
         n = self.cfg.n_samples
         if n <= 0:
             return None
-        classes = getattr(getattr(self.model, "config", None), "num_classes", 0)
+        classes = self.model.config.num_classes
         labels = np.arange(n, dtype=np.int64) % classes if classes else None
         self.model.eval()
         images = self.objective.sample(self.model, n, self.cfg.seed, labels)
@@ -381,12 +379,8 @@ class Trainer:
                 step = self.step
                 lr = self.lr_at(step)
                 try:
-                    if self.custom_step:
-                        batches = [self.batch(step * self.batches_per_step + i) for i in range(self.batches_per_step)]
-                        batch_metrics = self.objective.train_step(self.model, batches, step, lr)
-                        loss = torch.tensor(batch_metrics.pop("loss"))
-                    else:
-                        loss, batch_metrics = self.optimization_step(step, lr)
+                    self.objective.set_step(step)
+                    loss, batch_metrics = self.objective.train_step(self, step, lr)
                 except TrainingError as e:
                     raise TrainingError(f"{e}; {self.checkpoint_status()}") from None
                 self.update_ema()
@@ -404,12 +398,13 @@ class Trainer:
         return last_eval
 
     def optimization_step(self, step: int, lr: float) -> tuple[torch.Tensor, dict[str, float]]:
-        assert self.optimizer is not None
+        """The default train step (Objective.train_step): the objective's loss on this step's batch,
+        backward, clipping, one step of the trainer's optimizer."""
+        if self.optimizer is None:
+            raise TrainingError(f"{type(self.objective).__name__} made no optimizer but uses the default step")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = self.batch(step)
-        if hasattr(self.objective, "set_step"):
-            self.objective.set_step(step)
         with self.autocast():
             if self.ddp is not None:  # through DDP's forward, so its backward hooks average the gradients
                 loss, batch_metrics = self.ddp(x, y)
