@@ -24,6 +24,7 @@ from .errors import RuntimeBackendError
 class Backend(Protocol):
     name: str
     device: str
+    fused: bool  # decodes whole images itself (decode_images) rather than stepping a cached form
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
@@ -43,6 +44,7 @@ def cuda_visible() -> bool:
 
 class OnnxBackend:
     name = "onnx"
+    fused = False
 
     def __init__(self, bundle: Bundle, device: str = "auto") -> None:
         try:
@@ -169,6 +171,7 @@ class OnnxStepper:
 
 class TorchScriptBackend:
     name = "torchscript"
+    fused = False
 
     def __init__(self, bundle: Bundle, device: str = "auto") -> None:
         try:

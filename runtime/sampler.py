@@ -109,7 +109,7 @@ class AutoregressiveSampler(Sampler):
         self, u: np.ndarray, labels: np.ndarray | None, decoder: str, bar: Progress,
         prefix: np.ndarray | None = None, start_row: int = 0,
     ) -> np.ndarray:
-        if decoder == "cached" and getattr(self.backend, "fused", False):
+        if decoder == "cached" and self.backend.fused:
             return self.backend.decode_images(u, labels, prefix, start_row)  # type: ignore[attr-defined]
         if decoder == "cached":
             return cached_decode(self.backend.stepper(), u, labels=labels, levels=self.levels, prefix=prefix,

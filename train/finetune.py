@@ -37,7 +37,7 @@ class EncoderClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         code = self.model.encode(x)
-        return code[0] if isinstance(code, tuple) else code  # the VAE's posterior mean
+        return code[0] if self.model.variational else code  # the VAE's posterior mean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -80,7 +80,7 @@ def finetune_classifier(
 ) -> tuple[EncoderClassifier, FinetuneReport]:
     """Initialize a classifier with the run's trained encoder and fine-tune it on ``data``'s labels."""
     model, run = load_run(run_dir)
-    if not isinstance(model, LatentModel):
+    if model.family != "latent":
         raise UsageError(f"{run_dir}: fine-tuning needs an autoencoder or VAE run, got {run.model!r}")
     torch.manual_seed(seed)
     train = data.load(data.split, seed)

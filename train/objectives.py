@@ -321,7 +321,7 @@ def objective_for(model: nn.Module, kl_warmup_steps: int = 0, iw_samples: int = 
                   gan_loss: str = "non-saturating", lr: float = 2e-4,
                   train_data: ImageData | None = None) -> Objective:
     """The objective of the model's family (``model.family``), with the family's options."""
-    family = getattr(model, "family", "")
+    family = model.family
     if family == "autoregressive":
         c = model.config
         return AutoregressiveObjective(c.channels * c.height * c.width)
