@@ -3,7 +3,8 @@
 [1]: Kingma & Welling 2014, Auto-Encoding Variational Bayes, https://arxiv.org/abs/1312.6114
      (the Gaussian encoder, the reparameterization trick, the closed-form KL to N(0, I)).
 [2]: Burda et al. 2016, Importance Weighted Autoencoders, https://arxiv.org/abs/1509.00519
-     (the k-sample importance-weighted bound used to estimate the NLL).
+     (the k-sample importance-weighted NLL estimate, computed once for training and gen-eval in
+     train/scores.py from this model's encode and decode).
 
 Both share one encoder (stride-2 convolutions down to a small map, then a linear layer) and one decoder
 (a linear layer, then nearest upsampling + convolutions back to the image size), sized from the image shape,
@@ -17,7 +18,6 @@ Gaussian fitted to the training codes: a plain autoencoder has no prior of its o
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -215,17 +215,3 @@ class VAE(LatentModel):
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
         return self.log_px(x, z, labels), kl
-
-    @torch.no_grad()
-    def iwae_log_likelihood(self, x: torch.Tensor, labels: torch.Tensor | None = None, k: int = 50) -> torch.Tensor:
-        """The k-sample importance-weighted lower bound on log p(x) [2], per image: (B,)."""
-        mu, logvar = self.encode(x, labels)
-        std = torch.exp(0.5 * logvar)
-        terms = []
-        for _ in range(k):
-            eps = torch.randn_like(mu)
-            z = mu + std * eps
-            log_q = (-0.5 * eps.pow(2) - 0.5 * logvar - 0.5 * math.log(2 * math.pi)).sum(1)
-            log_p = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(1)
-            terms.append(self.log_px(x, z, labels) + log_p - log_q)
-        return torch.logsumexp(torch.stack(terms), dim=0) - math.log(k)

@@ -37,20 +37,35 @@ def test_kl_is_the_closed_form_and_iwae_tightens_the_bound() -> None:
 
 
 def test_iwae_bound_tightens_with_k(latent_runs) -> None:
-    """On a trained VAE: IWAE with k = 1 is the ELBO in expectation, and more samples raise the bound."""
+    """On a trained VAE, the one IWAE estimate (train/scores.py, used by training and gen-eval): with k = 1
+    it is the ELBO in expectation, and more samples lower the estimated NLL."""
     from genforge.train import load_dataset
+    from genforge.train.scores import latent_totals
 
     run, _ = latent_runs["vae"]
     model, _ = load_run(run)
     model = model.double()
-    x = torch.from_numpy(load_dataset("digits", split="valid").images[:16].transpose(0, 3, 1, 2)).long()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        elbo = torch.stack([torch.sub(*model.elbo_terms(x)) for _ in range(200)]).mean(0)
-        iw1 = torch.stack([model.iwae_log_likelihood(x, k=1) for _ in range(200)]).mean(0)
-        iw64 = torch.stack([model.iwae_log_likelihood(x, k=64) for _ in range(4)]).mean(0)
-    assert (iw1 - elbo).abs().mean() < 0.3
-    assert (iw64 - iw1).mean() > 0.3 and (iw64 > iw1).float().mean() > 0.8
+    x = load_dataset("digits", split="valid").images[:16].transpose(0, 3, 1, 2).copy()
+
+    def encode(xs, y):
+        with torch.no_grad():
+            mean, logvar = model.encode(torch.from_numpy(xs))
+        return mean.numpy(), logvar.numpy()
+
+    def decode(z, y):
+        with torch.no_grad():
+            return model.decode(torch.from_numpy(z)).numpy()
+
+    def totals(k: int, seeds: range) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for seed in seeds:
+            latent_totals(encode, decode, x, None, variational=True, levels=17, first=0, seed=seed, iw_samples=k,
+                          totals=out)
+        return {key: v / (16 * len(seeds)) for key, v in out.items()}
+
+    k1, k64 = totals(1, range(200)), totals(64, range(2))
+    assert abs(k1["iwae"] - (k1["rec"] + k1["kl"])) < 0.3  # nats per image: IWAE(1) and the ELBO agree
+    assert k64["iwae"] < k1["iwae"] - 0.3
 
 
 def test_gaussian_head_is_a_distribution_over_levels() -> None:
@@ -99,8 +114,10 @@ def test_trains_on_every_data_set(tmp_path: Path, model: str) -> None:
         r = train_run(model=model, data=spec, model_overrides=SMALL, out=tmp_path / f"{model}-{name}",
                       train=TrainConfig(steps=2, batch_size=8, n_samples=4, eval_limit=8, iw_samples=2),
                       progress=False)
-        keys = {"neg_elbo", "reconstruction_nats", "kl_nats", "iwae_nll_k2"} if model == "vae" else {"l2_per_image"}
+        keys = {"neg_elbo", "reconstruction_nats", "kl_nats", "iwae_nll", "iw_samples"} if model == "vae" else {
+            "l2_per_image"}
         assert keys <= set(r.metrics), (name, r.metrics)
+        assert model != "vae" or r.metrics["iw_samples"] == 2
         assert all(math.isfinite(v) for v in r.metrics.values()) and r.samples is not None
 
 
@@ -197,3 +214,16 @@ def test_encoder_initializes_a_classifier_that_trains(latent_runs) -> None:
         _, report = finetune_classifier(run, DataSpec("digits"), epochs=6)
         assert report.losses[-1] < report.losses[0] * 0.5
         assert report.accuracy > max(0.5, report.initial_accuracy + 0.3)
+
+
+@pytest.mark.parametrize("model", ["vae", "autoencoder"])
+def test_training_scores_are_gen_evals_scores(tmp_path: Path, model: str) -> None:
+    """One estimate, one set of names: the last held-out record of a run equals gen-eval on the same split."""
+    from genforge.train.evaluate import evaluate_path
+
+    r = train_run(model=model, model_overrides=SMALL, out=tmp_path / "r", progress=False,
+                  train=TrainConfig(steps=6, batch_size=16, n_samples=0, eval_limit=40, iw_samples=3))
+    ev = evaluate_path(r.run_dir, split="valid", iw_samples=3 if model == "vae" else 0, limit=40, batch_size=16)
+    assert set(r.metrics) <= set(ev)
+    for key, value in r.metrics.items():
+        assert ev[key] == pytest.approx(value, rel=1e-5), key

@@ -20,6 +20,10 @@ HEADS = [("bernoulli", 2), ("categorical", 5), ("logistic-mixture", 7)]
 ])
 def test_causality(name: str, head: tuple[str, int], channels: int) -> None:
     likelihood, levels = head
+    # A fixed initialization: 4 of 400 random ones (row-lstm, logistic mixture, 3 channels) leave some output
+    # with no visible dependency on any of the three inputs below, which the "depends on something" check
+    # flags; the run order of the suite decided which one a test got.
+    torch.manual_seed(0)
     model = build_model(name, tiny_config(channels, 4, 5, levels, likelihood, hidden=24, output_hidden=24))
     # Several random inputs: a ReLU that happens to be off for one input hides a dependency, never adds one.
     dep = dependency_matrix(model, seed=0) | dependency_matrix(model, seed=1) | dependency_matrix(model, seed=2)

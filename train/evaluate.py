@@ -12,7 +12,6 @@ fed by the eager model or by the runtime, and the VAE's importance samples for i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,8 @@ import torch
 
 from genforge.runtime.bundle import MANIFEST
 from genforge.runtime.progress import Progress, chunks
-from genforge.runtime.randomness import normals
 
+from . import scores
 from .checkpoint import CONFIG_FILE, load_run, read_run_config
 from .data import ImageData
 from .objectives import objective_for
@@ -112,12 +111,6 @@ def _bundle_scorer(path: Path, backend: str) -> Scorer:
     return Scorer(family, cfg, sample=sample, bundle_source=src)
 
 
-def _picked(log_probs: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """sum over sub-pixels of log p(x): (B,)."""
-    lp = np.take_along_axis(log_probs.astype(np.float64), x[..., None].astype(np.int64), axis=-1)[..., 0]
-    return lp.reshape(len(x), -1).sum(1)
-
-
 def score_likelihoods(scorer: Scorer, data: ImageData, *, batch_size: int = 64, iw_samples: int = 0,
                       seed: int = 0, progress: bool = False) -> dict[str, float]:
     c = scorer.config
@@ -130,59 +123,13 @@ def score_likelihoods(scorer: Scorer, data: ImageData, *, batch_size: int = 64, 
             x = np.ascontiguousarray(data.images[a:b].transpose(0, 3, 1, 2))  # (B, C, H, W) levels
             y = data.labels[a:b] if labels_needed and data.labels is not None else None
             if scorer.family == "autoregressive" and scorer.log_probs is not None:
-                _add(totals, "nll", -_picked(scorer.log_probs(x, y), x).sum())
+                scores.add(totals, "nll", -scores.picked_log_prob(scorer.log_probs(x, y), x).sum())
             elif scorer.family == "latent" and scorer.encode is not None and scorer.decode is not None:
-                mean, logvar = scorer.encode(x, y)
-                mean, logvar = mean.astype(np.float64), logvar.astype(np.float64)
-                if not scorer.is_vae:
-                    rec = scorer.decode(mean, y).astype(np.float64)
-                    target = x * (2.0 / (c["levels"] - 1)) - 1.0
-                    _add(totals, "l2", ((rec - target) ** 2).reshape(len(x), -1).sum())
-                else:
-                    _vae_terms(scorer, x, y, mean, logvar, a, seed, iw_samples, totals)
+                scores.latent_totals(scorer.encode, scorer.decode, x, y, variational=scorer.is_vae,
+                                     levels=int(c["levels"]), first=a, seed=seed, iw_samples=iw_samples,
+                                     totals=totals)
             bar.update(b - a)
-    if "nll" in totals:
-        nats = totals["nll"] / n
-        return {"nats_per_image": nats, "bits_per_dim": nats / (dims * math.log(2.0))}
-    if "l2" in totals:
-        return {"l2_per_image": totals["l2"] / n}
-    if "rec" in totals:
-        out = {"neg_elbo": (totals["rec"] + totals["kl"]) / n, "reconstruction_nats": totals["rec"] / n,
-               "kl_nats": totals["kl"] / n}
-        if "iwae" in totals:
-            out["iwae_nll"] = totals["iwae"] / n
-            out["iw_samples"] = float(iw_samples)
-        return out
-    return {}
-
-
-def _add(totals: dict[str, float], key: str, value: float) -> None:
-    totals[key] = totals.get(key, 0.0) + float(value)
-
-
-def _vae_terms(scorer: Scorer, x: np.ndarray, y: np.ndarray | None, mean: np.ndarray, logvar: np.ndarray,
-               first: int, seed: int, k: int, totals: dict[str, float]) -> None:
-    assert scorer.decode is not None
-    std = np.exp(0.5 * logvar)
-    zdim = mean.shape[1]
-    # One row of noise per image and sample, from (seed, image index): the same numbers for run and bundle.
-    eps_all = normals(seed, first, first + len(x), zdim * (max(k, 1) + 1)).reshape(len(x), max(k, 1) + 1, zdim)
-    z = mean + std * eps_all[:, 0]
-    rec = _picked(scorer.decode(z, y), x)
-    kl = 0.5 * (mean**2 + np.exp(logvar) - 1.0 - logvar).sum(1)
-    _add(totals, "rec", -rec.sum())
-    _add(totals, "kl", kl.sum())
-    if k:
-        log_w = []
-        for s in range(k):
-            eps = eps_all[:, s + 1]
-            zs = mean + std * eps
-            log_q = (-0.5 * eps**2 - 0.5 * logvar - 0.5 * math.log(2 * math.pi)).sum(1)
-            log_p = (-0.5 * zs**2 - 0.5 * math.log(2 * math.pi)).sum(1)
-            log_w.append(_picked(scorer.decode(zs, y), x) + log_p - log_q)
-        lw = np.stack(log_w)  # (k, B)
-        m = lw.max(0)
-        _add(totals, "iwae", -(m + np.log(np.exp(lw - m).mean(0))).sum())
+    return scores.summarize(totals, n, dims=dims, iw_samples=iw_samples)
 
 
 def evaluate_path(

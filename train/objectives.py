@@ -22,6 +22,7 @@ from genforge.runtime.decoding import cached_decode, naive_decode
 from genforge.runtime.latent import levels_from_log_probs, levels_from_mean
 from genforge.runtime.randomness import normals, uniforms
 
+from . import scores
 from .data import ImageData
 from .errors import TrainingError
 
@@ -56,8 +57,10 @@ class Objective:
     def set_step(self, step: int) -> None:
         """Called before each step (schedules inside the objective, e.g. the VAE's KL warm-up)."""
 
-    def evaluate(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
-        """Sums over the batch of per-image scores; the trainer divides by the number of images."""
+    def evaluate(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, first: int = 0
+                 ) -> dict[str, float]:
+        """Sums over the batch of per-image scores; the trainer divides by the number of images. ``first``:
+        the split index of the batch's first image (for noise drawn per image)."""
         raise NotImplementedError
 
     def summarize(self, totals: dict[str, float], n_images: int) -> dict[str, float]:
@@ -93,12 +96,12 @@ class AutoregressiveObjective(Objective):
         return loss, {"nats_per_image": float(loss.detach())}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, first: int = 0
+                 ) -> dict[str, float]:
         return {"nll": float(model.nll(x, labels).double().sum())}
 
     def summarize(self, totals: dict[str, float], n_images: int) -> dict[str, float]:
-        nats = totals["nll"] / n_images
-        return {"nats_per_image": nats, "bits_per_dim": nats / (self.dims * math.log(2.0))}
+        return scores.summarize(totals, n_images, dims=self.dims, iw_samples=0)
 
     @torch.no_grad()
     def sample(self, model: nn.Module, n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
@@ -128,6 +131,8 @@ class LatentObjective(Objective):
     """VAE: the negative ELBO, reported as its two terms, with an optional linear KL warm-up; on held-out
     data also the k-sample importance-weighted NLL estimate. Autoencoder: the L2 reconstruction loss."""
 
+    eval_seed = 0  # the noise of held-out image i comes from (0, i), as in gen-eval with its default --seed
+
     def __init__(self, model: LatentModel, kl_warmup_steps: int = 0, iw_samples: int = 8) -> None:
         self.is_vae = model.variational
         self.kl_warmup_steps = kl_warmup_steps
@@ -153,23 +158,31 @@ class LatentObjective(Objective):
                       "neg_elbo": float((kl - rec).detach().mean()), "beta": self.beta}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
-        if not self.is_vae:
-            return {"l2": float(model.loss(x, labels).double().sum())}
-        rec, kl = model.elbo_terms(x, labels)
-        out = {"rec": float(-rec.double().sum()), "kl": float(kl.double().sum())}
-        if self.iw_samples:
-            out["iwae"] = float(-model.iwae_log_likelihood(x, labels, self.iw_samples).double().sum())
-        return out
+    def evaluate(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, first: int = 0
+                 ) -> dict[str, float]:
+        """The sums of train/scores.py, gen-eval's own computation: with the same seed (0, gen-eval's default)
+        the epoch's held-out numbers are exactly what ``gen-eval RUN --split valid`` reports."""
+        p = next(model.parameters())
+
+        def t(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(p.device)
+
+        def encode(xs: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            out = model.encode(t(xs), t(y))
+            mean, logvar = out if self.is_vae else (out, torch.zeros_like(out))
+            return mean.float().cpu().numpy(), logvar.float().cpu().numpy()
+
+        def decode(z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+            return model.decode(t(z.astype(np.float32)).to(p.dtype), t(y)).float().cpu().numpy()
+
+        totals: dict[str, float] = {}
+        y = None if labels is None else labels.cpu().numpy()
+        scores.latent_totals(encode, decode, x.cpu().numpy(), y, variational=self.is_vae, levels=model.config.levels,
+                             first=first, seed=self.eval_seed, iw_samples=self.iw_samples, totals=totals)
+        return totals
 
     def summarize(self, totals: dict[str, float], n_images: int) -> dict[str, float]:
-        if not self.is_vae:
-            return {"l2_per_image": totals["l2"] / n_images}
-        out = {"neg_elbo": (totals["rec"] + totals["kl"]) / n_images, "reconstruction_nats": totals["rec"] / n_images,
-               "kl_nats": totals["kl"] / n_images}
-        if "iwae" in totals:
-            out[f"iwae_nll_k{self.iw_samples}"] = totals["iwae"] / n_images
-        return out
+        return scores.summarize(totals, n_images, dims=0, iw_samples=self.iw_samples)
 
     @torch.no_grad()
     def sample(self, model: nn.Module, n: int, seed: int, labels: np.ndarray | None) -> np.ndarray:
@@ -285,7 +298,8 @@ class GANObjective(Objective):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError("GAN training runs through train_step")
 
-    def evaluate(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, first: int = 0
+                 ) -> dict[str, float]:
         raise NotImplementedError("GAN evaluation runs through evaluate_all")
 
     def summarize(self, totals: dict[str, float], n_images: int) -> dict[str, float]:

@@ -331,7 +331,7 @@ class Trainer:
             x = torch.from_numpy(np.ascontiguousarray(data.images[a:b].transpose(0, 3, 1, 2))).long()
             y = None if data.labels is None else torch.from_numpy(data.labels[a:b]).to(self.device)
             with self.autocast():
-                scores = self.objective.evaluate(self.model, x.to(self.device), y)
+                scores = self.objective.evaluate(self.model, x.to(self.device), y, first=a)
             for k, v in scores.items():
                 totals[k] = totals.get(k, 0.0) + v
         self.model.train()
