@@ -18,6 +18,8 @@ from torch import nn
 from .errors import ConfigError
 from .graphs import GraphDef, autoregressive_graphs
 from .heads import LIKELIHOODS, make_head, nll_from_log_probs
+from .incremental import pointwise
+from .layers import MaskedConv2d
 
 if TYPE_CHECKING:
     from .incremental import IncrementalModel
@@ -151,6 +153,26 @@ class AutoregressiveModel(GenerativeModel):
     @property
     def out_features(self) -> int:
         return self.head.params_per_channel * self.config.channels
+
+    # ---- the output layers every autoregressive family ends in: relu -> 1x1 -> relu -> 1x1 -> head parameters.
+    # Written once here, in a full form (the forward pass) and a per-pixel form (the cached forms); the fused
+    # Triton decoders read the same two layers through ``output_layers``.
+
+    def init_output_layers(self, hidden: int, output_hidden: int) -> None:
+        g = self.config.channels
+        self.out1 = MaskedConv2d(hidden, output_hidden, 1, mask_type="B", groups=g)
+        self.out2 = MaskedConv2d(output_hidden, self.out_features, 1, mask_type="B", groups=g)
+
+    def output_layers(self) -> tuple[MaskedConv2d, MaskedConv2d]:
+        return self.out1, self.out2
+
+    def output_params(self, h: torch.Tensor) -> torch.Tensor:
+        """Features (B, hidden, H, W) -> raw head parameters (B, P * C, H, W)."""
+        return self.out2(F.relu(self.out1(F.relu(h))))
+
+    def output_params_at(self, h: torch.Tensor) -> torch.Tensor:
+        """One pixel's features (B, hidden) -> its raw head parameters (B, P * C), same weights."""
+        return pointwise(self.out2, F.relu(pointwise(self.out1, F.relu(h))))
 
     def params(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError

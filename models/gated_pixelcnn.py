@@ -89,15 +89,14 @@ class GatedPixelCNN(AutoregressiveModel):
             [GatedLayer(c.channels, c.hidden, c.first_kernel, g, c.num_classes, first=True)]
             + [GatedLayer(c.hidden, c.hidden, c.kernel, g, c.num_classes, first=False) for _ in range(c.layers)]
         )
-        self.out1 = MaskedConv2d(c.hidden, c.output_hidden, 1, mask_type="B", groups=g)
-        self.out2 = MaskedConv2d(c.output_hidden, self.out_features, 1, mask_type="B", groups=g)
+        self.init_output_layers(c.hidden, c.output_hidden)
 
     def params(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x, labels)
         v = h = self.normalize(x)  # (B, C, H, W)
         for layer in self.layers:
             v, h = layer(v, h, labels)
-        return self.out2(F.relu(self.out1(F.relu(h))))  # (B, P * C, H, W)
+        return self.output_params(h)  # (B, P * C, H, W)
 
     def cached_form(self) -> IncrementalGatedPixelCNN:
         return IncrementalGatedPixelCNN(self)
@@ -184,5 +183,5 @@ class IncrementalGatedPixelCNN(IncrementalModel):
                 h_pre = h_pre + cond
             gated = gate(h_pre[:, :, None])[:, :, 0]  # (B, h)
             h = gated if layer.h_out is None else h + pointwise(layer.h_out, gated)
-        out = pointwise(m.out2, F.relu(pointwise(m.out1, F.relu(h))))
+        out = m.output_params_at(h)
         return self.head_log_probs(out), self._join(v, link, new_h)

@@ -59,8 +59,7 @@ class PixelCNN(AutoregressiveModel):
         c, g = config, config.channels
         self.input_conv = MaskedConv2d(c.channels, c.hidden, c.first_kernel, mask_type="A", groups=g)
         self.blocks = nn.ModuleList(ResidualBlock(c.hidden, c.kernel, g) for _ in range(c.layers))
-        self.out1 = MaskedConv2d(c.hidden, c.output_hidden, 1, mask_type="B", groups=g)
-        self.out2 = MaskedConv2d(c.output_hidden, self.out_features, 1, mask_type="B", groups=g)
+        self.init_output_layers(c.hidden, c.output_hidden)
         if c.num_classes:
             self.label_embedding = nn.Embedding(c.num_classes, c.hidden)
 
@@ -72,7 +71,7 @@ class PixelCNN(AutoregressiveModel):
             h = h + bias
         for block in self.blocks:
             h = block(h)
-        return self.out2(F.relu(self.out1(F.relu(h))))  # (B, P * C, H, W)
+        return self.output_params(h)  # (B, P * C, H, W)
 
     def cached_form(self) -> IncrementalPixelCNN:
         return IncrementalPixelCNN(self)
@@ -112,5 +111,5 @@ class IncrementalPixelCNN(IncrementalModel):
             new.append(buf)
             y = cached.at_window(buf, window)
             h = h + pointwise(block.expand, F.relu(y))
-        out = pointwise(m.out2, F.relu(pointwise(m.out1, F.relu(h))))  # (B, P * C)
+        out = m.output_params_at(h)  # (B, P * C)
         return self.head_log_probs(out), new

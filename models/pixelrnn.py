@@ -84,8 +84,7 @@ class PixelRNNBase(AutoregressiveModel):
         self.input_conv = MaskedConv2d(c.channels, c.hidden, c.first_kernel, mask_type="A", groups=g)
         self.residual = nn.ModuleList(MaskedConv2d(c.hidden, c.hidden, 1, mask_type="B", groups=g)
                                       for _ in range(c.layers))
-        self.out1 = MaskedConv2d(c.hidden, c.output_hidden, 1, mask_type="B", groups=g)
-        self.out2 = MaskedConv2d(c.output_hidden, self.out_features, 1, mask_type="B", groups=g)
+        self.init_output_layers(c.hidden, c.output_hidden)
         if c.num_classes:
             self.label_embedding = nn.Embedding(c.num_classes, c.hidden)
 
@@ -101,7 +100,7 @@ class PixelRNNBase(AutoregressiveModel):
             h = h + bias
         for i, res in enumerate(self.residual):
             h = h + res(self.recurrent(i, h))
-        return self.out2(F.relu(self.out1(F.relu(h))))
+        return self.output_params(h)
 
 
 class RowLSTM(PixelRNNBase):
@@ -207,7 +206,7 @@ class _IncrementalPixelRNN(IncrementalModel):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         m = self.model
-        return self.head_log_probs(pointwise(m.out2, F.relu(pointwise(m.out1, F.relu(h)))))
+        return self.head_log_probs(m.output_params_at(h))
 
     def roll_input(self, x_prev_row: torch.Tensor, has_prev: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         return self.input_conv.roll(self.input_conv.write_row(buf, self.normalize(x_prev_row) * has_prev))

@@ -266,8 +266,9 @@ def _pack_head(model: torch.nn.Module, HP: int) -> tuple[dict[str, torch.Tensor]
     G = 3 if head == 2 else 1
     per_group = model.head.params_per_channel // G
     OP, NP = _p2(oh), _p2(per_group)
-    w2 = model.out2.masked_weight()[:, :, 0, 0].detach()  # (P * C, OH), rows laid out (P, C)
-    b2 = model.out2.bias.detach()
+    out1, out2 = model.output_layers()
+    w2 = out2.masked_weight()[:, :, 0, 0].detach()  # (P * C, OH), rows laid out (P, C)
+    b2 = out2.bias.detach()
     w2p = torch.zeros(C, G, OP, NP)
     b2p = torch.zeros(C, G, NP)
     for ch in range(C):
@@ -275,7 +276,7 @@ def _pack_head(model: torch.nn.Module, HP: int) -> tuple[dict[str, torch.Tensor]
             rows = [(g * per_group + p) * C + ch for p in range(per_group)]
             w2p[ch, g, :oh, :per_group] = w2[rows].t().float()
             b2p[ch, g, :per_group] = b2[rows].float()
-    tensors = {"w1": _point(model.out1, HP, OP), "b1": _pad1(model.out1.bias, OP), "w2": w2p, "b2": b2p}
+    tensors = {"w1": _point(out1, HP, OP), "b1": _pad1(out1.bias, OP), "w2": w2p, "b2": b2p}
     meta = {"C": C, "LEVELS": c.levels, "HEAD": head, "G": G, "NMIX": c.n_mix if head == 2 else 1, "OP": OP,
             "NP": NP, "KP": _p2(c.levels), "H": c.height, "W": c.width, "classes": c.num_classes}
     return tensors, meta
