@@ -96,10 +96,10 @@ def train_command(**o: object) -> None:
         schedule=str(o["schedule"]), warmup_steps=int(o["warmup_steps"]), grad_clip=float(o["grad_clip"]),
         seed=int(o["seed"]), eval_limit=int(o["eval_limit"]), checkpoint_every=int(o["checkpoint_every"]),
         log_every=int(o["log_every"]),
-        n_samples=int(o["n_samples"]), dynamic_binarize=bool(o["dynamic_binarize"]),
-        kl_warmup_steps=int(o["kl_warmup_steps"]), iw_samples=int(o["iw_samples"]),
-        gan_k=int(o["gan_k"]), gan_loss=str(o["gan_loss"]), ema=float(o["ema"]),
+        n_samples=int(o["n_samples"]), dynamic_binarize=bool(o["dynamic_binarize"]), ema=float(o["ema"]),
     )
+    # The family's own options; each family keeps the ones it has (objectives.OBJECTIVE_OPTIONS).
+    objective = {k: o[k] for k in ("kl_warmup_steps", "iw_samples", "gan_k", "gan_loss")}
     data = DataSpec(
         name=str(o["data"]), path=o["data_path"], split=str(o["split"]),  # type: ignore[arg-type]
         eval_split="" if o["eval_split"] == "none" else str(o["eval_split"]),
@@ -110,6 +110,7 @@ def train_command(**o: object) -> None:
         model=str(o["model"]), data=data, model_overrides=parse_overrides(list(o["overrides"])),  # type: ignore[arg-type]
         train=tcfg, out=o["out"], device=str(o["device"]), resume=bool(o["resume"]), explicit=explicit,  # type: ignore[arg-type]
         overwrite=bool(o["overwrite"]), progress=not o["quiet"], threads=int(o["threads"]),  # type: ignore[call-overload]
+        objective=objective,
     )
     summary = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
     click.echo(f"run: {result.run_dir} (step {result.steps}) {summary}".rstrip())

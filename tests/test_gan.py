@@ -37,8 +37,8 @@ def test_minimax_gradient_vanishes_where_non_saturating_does_not() -> None:
 
 
 def test_k_discriminator_steps_per_generator_step(tmp_path: Path) -> None:
-    r = train_run(model="gan", model_overrides=SMALL, train=gan_train(steps=4, gan_k=3), out=tmp_path / "g",
-                  progress=False)
+    r = train_run(model="gan", model_overrides=SMALL, train=gan_train(steps=4), objective={"gan_k": 3},
+                  out=tmp_path / "g", progress=False)
     state = ckpt.load_state(r.run_dir / ckpt.STATE_FILE)["objective"]
     d_steps = next(iter(state["opt_d"]["state"].values()))["step"]
     g_steps = next(iter(state["opt_g"]["state"].values()))["step"]
@@ -56,7 +56,7 @@ def test_fixed_noise_grid_every_epoch(tmp_path: Path) -> None:
 
 
 def test_gan_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    full = train_run(model="gan", model_overrides=SMALL, train=gan_train(gan_k=2), out=tmp_path / "a",
+    full = train_run(model="gan", model_overrides=SMALL, train=gan_train(), objective={"gan_k": 2}, out=tmp_path / "a",
                      progress=False)
     original = Trainer.batch
 
@@ -67,7 +67,8 @@ def test_gan_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(Trainer, "batch", dying)
     with pytest.raises(KeyboardInterrupt):
-        train_run(model="gan", model_overrides=SMALL, train=gan_train(gan_k=2), out=tmp_path / "b", progress=False)
+        train_run(model="gan", model_overrides=SMALL, train=gan_train(), objective={"gan_k": 2}, out=tmp_path / "b",
+                  progress=False)
     monkeypatch.setattr(Trainer, "batch", original)
     resumed = train_run(out=tmp_path / "b", resume=True, progress=False)
 

@@ -112,8 +112,8 @@ def _write_every_dataset(root: Path) -> dict[str, DataSpec]:
 def test_trains_on_every_data_set(tmp_path: Path, model: str) -> None:
     for name, spec in _write_every_dataset(tmp_path).items():
         r = train_run(model=model, data=spec, model_overrides=SMALL, out=tmp_path / f"{model}-{name}",
-                      train=TrainConfig(steps=2, batch_size=8, n_samples=4, eval_limit=8, iw_samples=2),
-                      progress=False)
+                      train=TrainConfig(steps=2, batch_size=8, n_samples=4, eval_limit=8),
+                      objective={"iw_samples": 2}, progress=False)
         keys = {"neg_elbo", "reconstruction_nats", "kl_nats", "iwae_nll", "iw_samples"} if model == "vae" else {
             "l2_per_image"}
         assert keys <= set(r.metrics), (name, r.metrics)
@@ -123,8 +123,8 @@ def test_trains_on_every_data_set(tmp_path: Path, model: str) -> None:
 
 def test_vae_learns_and_kl_warmup_is_logged(tmp_path: Path) -> None:
     r = train_run(model="vae", model_overrides=SMALL, out=tmp_path / "v", progress=False,
-                  train=TrainConfig(steps=60, batch_size=32, n_samples=0, kl_warmup_steps=20, log_every=1,
-                                    iw_samples=4))
+                  train=TrainConfig(steps=60, batch_size=32, n_samples=0, log_every=1),
+                  objective={"kl_warmup_steps": 20, "iw_samples": 4})
     import json
 
     recs = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -140,7 +140,8 @@ def latent_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
     for name, extra in (("vae", {}), ("autoencoder", {}), ("vae-cond", {"conditional": True})):
         model = name.split("-")[0]
         run = train_run(model=model, data=DataSpec(conditional=bool(extra)), model_overrides=SMALL,
-                        train=TrainConfig(steps=40, batch_size=32, n_samples=0, eval_limit=16, iw_samples=2),
+                        train=TrainConfig(steps=40, batch_size=32, n_samples=0, eval_limit=16),
+                        objective={"iw_samples": 2},
                         out=root / name, progress=False).run_dir
         out[name] = (run, export_run(run, root / f"{name}-bundle", formats=("onnx", "torchscript")))
     return out
@@ -222,7 +223,7 @@ def test_training_scores_are_gen_evals_scores(tmp_path: Path, model: str) -> Non
     from genforge.train.evaluate import evaluate_path
 
     r = train_run(model=model, model_overrides=SMALL, out=tmp_path / "r", progress=False,
-                  train=TrainConfig(steps=6, batch_size=16, n_samples=0, eval_limit=40, iw_samples=3))
+                  train=TrainConfig(steps=6, batch_size=16, n_samples=0, eval_limit=40), objective={"iw_samples": 3})
     ev = evaluate_path(r.run_dir, split="valid", iw_samples=3 if model == "vae" else 0, limit=40, batch_size=16)
     assert set(r.metrics) <= set(ev)
     for key, value in r.metrics.items():

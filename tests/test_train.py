@@ -209,3 +209,21 @@ def test_empty_data_set_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="the data set is empty"):
         train_run(data=DataSpec("binarized-mnist", path=str(tmp_path / "e.npz")), train=tiny_train(steps=1),
                   out=tmp_path / "r", progress=False)
+
+
+def test_a_version_1_run_config_moves_its_family_options_to_objective(tmp_path: Path) -> None:
+    """Run format 2 keeps a family's options (kl_warmup_steps, iw_samples, gan_k, gan_loss) under
+    "objective"; a version-1 config.json, which had them in "train", still loads and resumes."""
+    r = train_run(model="vae", model_overrides={"latent_size": 4, "hidden": 8, "depth": 1},
+                  train=tiny_train(steps=2), objective={"iw_samples": 3, "gan_k": 5}, out=tmp_path / "v",
+                  progress=False)
+    cfg = json.loads((r.run_dir / "config.json").read_text())
+    assert cfg["version"] == 2 and cfg["objective"] == {"kl_warmup_steps": 0, "iw_samples": 3}  # the VAE's only
+    assert "iw_samples" not in cfg["train"]
+    old = {**cfg, "version": 1, "train": {**cfg["train"], **cfg["objective"]}}
+    del old["objective"]
+    (r.run_dir / "config.json").write_text(json.dumps(old))
+    run = ckpt.read_run_config(r.run_dir)
+    assert run.objective == {"kl_warmup_steps": 0, "iw_samples": 3} and "iw_samples" not in run.train
+    resumed = train_run(out=r.run_dir, resume=True, extend={"steps": 3}, progress=False)
+    assert resumed.steps == 3 and resumed.metrics["iw_samples"] == 3

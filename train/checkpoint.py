@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,12 @@ from genforge.runtime.files import atomic_open, atomic_write_bytes
 from .errors import CheckpointError
 
 RUN_FORMAT = "genforge-run"
-RUN_VERSION = 1
+RUN_VERSION = 2  # 2: the family's training options moved from "train" to "objective"
+READABLE_RUN_VERSIONS = (1, 2)
+# Version 1 kept these in "train"; reading one moves them to "objective" (objectives.OBJECTIVE_OPTIONS).
+V1_OBJECTIVE_KEYS = ("kl_warmup_steps", "iw_samples", "gan_k", "gan_loss")
 STATE_FORMAT = "genforge-trainer-state"
+STATE_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EMA_WEIGHTS_FILE = "model_ema.safetensors"
@@ -135,7 +139,8 @@ class RunConfig:
     model: str
     model_config: dict[str, Any]
     data: dict[str, Any]
-    train: dict[str, Any]
+    train: dict[str, Any]  # TrainConfig: what every family's training shares
+    objective: dict[str, Any] = field(default_factory=dict)  # the family's own options (objective_for)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -145,19 +150,25 @@ class RunConfig:
             "model_config": self.model_config,
             "data": self.data,
             "train": self.train,
+            "objective": self.objective,
         }
 
     @classmethod
     def from_json(cls, obj: Any, source: str | Path) -> RunConfig:
         if not isinstance(obj, dict) or obj.get("format") != RUN_FORMAT:
             raise CheckpointError(f"{source}: not a genforge run config (format field is not {RUN_FORMAT!r})")
-        if obj.get("version") != RUN_VERSION:
+        if obj.get("version") not in READABLE_RUN_VERSIONS:
             raise CheckpointError(
                 f"{source}: run format version {obj.get('version')!r} is not supported (this genforge reads "
-                f"version {RUN_VERSION})"
+                f"versions {', '.join(map(str, READABLE_RUN_VERSIONS))})"
             )
         try:
-            return cls(obj["model"], dict(obj["model_config"]), dict(obj["data"]), dict(obj["train"]))
+            train = dict(obj["train"])
+            if obj["version"] == 1:
+                objective = {k: train.pop(k) for k in V1_OBJECTIVE_KEYS if k in train}
+            else:
+                objective = dict(obj["objective"])
+            return cls(obj["model"], dict(obj["model_config"]), dict(obj["data"]), train, objective)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{source}: run config lacks a field ({e})") from None
 
@@ -192,7 +203,7 @@ def load_run(run_dir: str | Path, *, ema: bool = False) -> tuple[nn.Module, RunC
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     with atomic_open(path, "wb") as f:
-        torch.save({"format": STATE_FORMAT, "version": RUN_VERSION, **state, "sha256": digest(state)}, f)
+        torch.save({"format": STATE_FORMAT, "version": STATE_VERSION, **state, "sha256": digest(state)}, f)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -207,7 +218,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: corrupt or foreign trainer state ({first})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a genforge trainer state")
-    if state.get("version") != RUN_VERSION:
+    if state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path}: trainer state version {state.get('version')!r} is not supported")
     recorded = state.pop("sha256", None)
     body = {k: v for k, v in state.items() if k not in ("format", "version")}

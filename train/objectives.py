@@ -331,16 +331,33 @@ class GANObjective(Objective):
         return out
 
 
-def objective_for(model: nn.Module, kl_warmup_steps: int = 0, iw_samples: int = 8, *, gan_k: int = 1,
-                  gan_loss: str = "non-saturating", lr: float = 2e-4,
+# Each family's own training options and their defaults: gen-train's flags of the same names, recorded in
+# the run's config.json under "objective" (only the family's).
+OBJECTIVE_OPTIONS: dict[str, dict[str, Any]] = {
+    "autoregressive": {},
+    "latent": {"kl_warmup_steps": 0,  # the KL weight rises linearly from 0 to 1 over these steps
+               "iw_samples": 8},  # importance samples of the held-out NLL estimate each epoch (0: none)
+    "gan": {"gan_k": 1,  # discriminator steps (each on a fresh batch) per generator step
+            "gan_loss": "non-saturating"},  # the generator's loss: non-saturating | minimax
+}
+
+
+def objective_options(family: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The family's options: its defaults, updated with those of ``given`` that it has."""
+    defaults = OBJECTIVE_OPTIONS.get(family, {})
+    return {**defaults, **{k: v for k, v in (given or {}).items() if k in defaults}}
+
+
+def objective_for(model: nn.Module, options: dict[str, Any] | None = None, *, lr: float = 2e-4,
                   train_data: ImageData | None = None) -> Objective:
     """The objective of the model's family (``model.family``), with the family's options."""
     family = model.family
+    o = objective_options(family, options)
     if family == "autoregressive":
         c = model.config
         return AutoregressiveObjective(c.channels * c.height * c.width)
     if family == "latent":
-        return LatentObjective(model, kl_warmup_steps, iw_samples)
+        return LatentObjective(model, o["kl_warmup_steps"], o["iw_samples"])
     if family == "gan":
-        return GANObjective(model, k=gan_k, loss=gan_loss, lr=lr, train_data=train_data)
+        return GANObjective(model, k=o["gan_k"], loss=o["gan_loss"], lr=lr, train_data=train_data)
     raise TypeError(f"no training objective for {type(model).__name__} (family {family!r})")

@@ -19,7 +19,7 @@ from . import checkpoint as ckpt
 from .data import DataError, ImageData, load_dataset
 from .distributed import from_env, init
 from .errors import UsageError
-from .objectives import objective_for
+from .objectives import objective_for, objective_options
 from .trainer import TrainConfig, Trainer, TrainingError, choose_threads, resolve_device
 
 
@@ -117,7 +117,7 @@ def _flag(option: str) -> str:
 
 def check_resume_options(
     run: ckpt.RunConfig, explicit: set[str], *, model: str, data: DataSpec, train: TrainConfig,
-    overrides: dict[str, Any],
+    overrides: dict[str, Any], objective: dict[str, Any],
 ) -> dict[str, Any]:
     """Compare the options given with --resume against the run; returns the changes it may take (the
     RESUME_MUTABLE ones), and raises a UsageError naming the first option that contradicts the run."""
@@ -136,6 +136,8 @@ def check_resume_options(
             if option in RESUME_MUTABLE:
                 changes[option] = want
                 continue
+        elif option in run.objective:
+            want, have = objective.get(option), run.objective[option]
         else:
             continue  # not part of the run (--device, --quiet, --out, ...)
         if want != have:
@@ -169,6 +171,7 @@ def train_run(
     overwrite: bool = False,
     progress: bool = True,
     threads: int | None = None,
+    objective: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train ``model`` on ``data`` into a run directory, holding its lock (a second writer is refused).
 
@@ -177,6 +180,7 @@ def train_run(
     RESUME_MUTABLE ones, which are applied (so a finished run can be trained further). ``extend``
     (``epochs``/``steps``) and ``model_overrides`` are always explicit. ``threads``: torch's CPU threads,
     0 to choose from the cores and the load (trainer.choose_threads), None to leave torch's setting alone.
+    ``objective``: the family's own training options (objectives.OBJECTIVE_OPTIONS; others are ignored).
     """
     if threads is not None:
         n, why = choose_threads(threads)
@@ -190,17 +194,17 @@ def train_run(
             run = ckpt.read_run_config(out)
             changes = check_resume_options(
                 run, set(explicit or ()), model=model, data=data or DataSpec(), train=train or TrainConfig(),
-                overrides=model_overrides or {})
+                overrides=model_overrides or {}, objective=objective or {})
             return _resume(Path(out), run, {**changes, **(extend or {})}, device, progress)
-        return _start(model, data or DataSpec(), model_overrides or {}, train or TrainConfig(), out,
-                      device, overwrite, progress)
+        return _start(model, data or DataSpec(), model_overrides or {}, train or TrainConfig(), objective or {},
+                      out, device, overwrite, progress)
     except (ConfigError, DataError) as e:
         raise UsageError(str(e)) from None
 
 
 def _start(
-    model_name: str, data: DataSpec, overrides: dict[str, Any], tcfg: TrainConfig, out: str | Path | None,
-    device: str, overwrite: bool, progress: bool,
+    model_name: str, data: DataSpec, overrides: dict[str, Any], tcfg: TrainConfig, objective: dict[str, Any],
+    out: str | Path | None, device: str, overwrite: bool, progress: bool,
 ) -> RunResult:
     tcfg.validate()
     train_data = data.load(data.split, tcfg.seed)
@@ -210,7 +214,8 @@ def _start(
     if info.enabled and out is None:
         raise UsageError("distributed runs need --out (every process must name the same run directory)")
     run_dir = Path(out) if out is not None else next_run_dir(Path("runs"), f"{model_name}-{data.name}")
-    run = ckpt.RunConfig(model_name, model_cfg, vars(data), tcfg.to_dict())
+    options = objective_options(get_spec(model_name).family, objective)
+    run = ckpt.RunConfig(model_name, model_cfg, vars(data), tcfg.to_dict(), options)
     if not info.is_main:  # the other ranks only read the run directory that rank 0 prepares
         return _fit(run, run_dir, train_data, device, progress, resume=False)
     with run_lock(run_dir):
@@ -254,11 +259,9 @@ def _fit(
     for split_name, d in (("training", train_data), ("held-out", valid_data)):
         if d is not None:
             check_data_matches(config.to_dict(), d, split_name)
-    trainer = Trainer(
-        net, objective_for(net, tcfg.kl_warmup_steps, tcfg.iw_samples, gan_k=tcfg.gan_k, gan_loss=tcfg.gan_loss,
-                           lr=tcfg.lr, train_data=train_data), train_data, valid_data, run_dir, tcfg,
-        device=dev, progress=progress, dist_info=info,
-    )
+    objective = objective_for(net, run.objective, lr=tcfg.lr, train_data=train_data)
+    trainer = Trainer(net, objective, train_data, valid_data, run_dir, tcfg, device=dev, progress=progress,
+                      dist_info=info)
     if resume:
         trainer.resume()
     metrics = trainer.fit()

@@ -75,11 +75,7 @@ class TrainConfig:
     n_samples: int = 64  # images in each epoch's sample grid; 0: none
     log_every: int = 10
     dynamic_binarize: bool = False
-    gan_k: int = 1  # GAN: discriminator steps (each on a fresh batch) per generator step
-    gan_loss: str = "non-saturating"  # GAN generator loss: non-saturating | minimax
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); used to evaluate
-    kl_warmup_steps: int = 0  # VAE: the KL weight rises linearly from 0 to 1 over these steps
-    iw_samples: int = 8  # VAE: importance samples of the held-out NLL estimate each epoch (0: none)
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
