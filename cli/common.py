@@ -10,11 +10,13 @@ from typing import Any, TypeVar
 
 import click
 
+from genforge.models.catalog import MODEL_NAMES
+
 F = TypeVar("F", bound=Callable[..., Any])
 
-# The model registry's names (genforge.models.MODELS; a test ties the two). Spelled out here so that --help
-# and argument errors answer without importing torch, which takes seconds.
-MODEL_CHOICES = ("pixelcnn", "gated-pixelcnn", "row-lstm", "diagonal-bilstm", "autoencoder", "vae", "gan")
+# The model registry's names, from its torch-free catalog: --help and argument errors answer without
+# importing torch, which takes seconds.
+MODEL_CHOICES = MODEL_NAMES
 DATASET_CHOICES = ("digits", "binarized-mnist", "mnist", "fashion-mnist", "cifar10", "folder")
 # The runtime's backends (genforge.runtime.BACKENDS, which a test ties to this); gen-sample and gen-eval alike.
 BACKEND_CHOICES = ("auto", "onnx", "torchscript", "triton")

@@ -1,22 +1,20 @@
 """One registry from model name to its config class and constructor.
 
-The run directory loader, the trainer and the Triton backend build models from this table; the CLI's
-``--model`` choices mirror it without importing torch (``cli/common.MODEL_CHOICES``, tied to it by a test).
+The run directory loader, the trainer and the Triton backend build models from this table, which is made
+from ``catalog.py`` (the torch-free list the CLI's ``--model`` choices read).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any
 
 from torch import nn
 
-from .base import ConfigError, ImageConfig
-from .gan import GAN, GANConfig
-from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
-from .latent import VAE, Autoencoder, AutoencoderConfig, VAEConfig
-from .pixelcnn import PixelCNN, PixelCNNConfig
-from .pixelrnn import DiagonalBiLSTM, PixelRNNConfig, RowLSTM
+from .base import ImageConfig
+from .catalog import CATALOG, CatalogEntry
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -28,23 +26,13 @@ class ModelSpec:
     summary: str
 
 
-MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec("pixelcnn", PixelCNNConfig, PixelCNN, "autoregressive",
-                  "PixelCNN with residual blocks (van den Oord et al. 2016a)"),
-        ModelSpec("gated-pixelcnn", GatedPixelCNNConfig, GatedPixelCNN, "autoregressive",
-                  "Gated PixelCNN without the blind spot (van den Oord et al. 2016b)"),
-        ModelSpec("row-lstm", PixelRNNConfig, RowLSTM, "autoregressive",
-                  "PixelRNN Row LSTM (van den Oord et al. 2016a)"),
-        ModelSpec("diagonal-bilstm", PixelRNNConfig, DiagonalBiLSTM, "autoregressive",
-                  "PixelRNN Diagonal BiLSTM (van den Oord et al. 2016a)"),
-        ModelSpec("autoencoder", AutoencoderConfig, Autoencoder, "latent",
-                  "Convolutional autoencoder with the L2 reconstruction loss"),
-        ModelSpec("vae", VAEConfig, VAE, "latent", "Variational autoencoder (Kingma & Welling 2014)"),
-        ModelSpec("gan", GANConfig, GAN, "gan", "DCGAN (Radford et al. 2016) trained as in Goodfellow et al. 2014"),
-    )
-}
+def _spec(entry: CatalogEntry) -> ModelSpec:
+    module = import_module(f"genforge.models.{entry.module}")
+    return ModelSpec(entry.name, getattr(module, entry.config), getattr(module, entry.model), entry.family,
+                     entry.summary)
+
+
+MODELS: dict[str, ModelSpec] = {e.name: _spec(e) for e in CATALOG}
 
 
 def get_spec(name: str) -> ModelSpec:
