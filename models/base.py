@@ -109,6 +109,10 @@ class GenerativeModel(nn.Module):
         config.validate()
         self.config = config
 
+    def masked_convs(self) -> list[MaskedConv2d]:
+        """Every masked convolution of the network (the Triton backend swaps in its kernel for each)."""
+        return [m for m in self.modules() if isinstance(m, MaskedConv2d)]
+
     def export_graphs(self) -> list[GraphDef]:
         """The graphs a bundle of this model holds (models/graphs.py), each with names, shapes and a way to
         draw random inputs; the exporter exports and verifies whatever a model lists."""

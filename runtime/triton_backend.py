@@ -60,7 +60,6 @@ class TritonBackend:
         from safetensors.torch import load_file
 
         from genforge.models import build_model
-        from genforge.models.layers import MaskedConv2d
         from genforge.triton_kernels.masked_conv import masked_conv2d_packed, pack_masked_conv
 
         m = self.bundle.manifest
@@ -73,11 +72,10 @@ class TritonBackend:
         except (SafetensorError, ValueError, RuntimeError, KeyError) as e:
             raise BundleError(f"{self.bundle.path}: cannot rebuild the model from its weights ({e})") from None
         model = model.float().eval().to(self.device)
-        for conv in model.modules():
-            if isinstance(conv, MaskedConv2d):
-                packed = pack_masked_conv(conv.weight.detach(), conv.mask, conv.bias)
-                # Bound per module: the kernel replaces F.conv2d, the module's weights stay for the cached form.
-                conv.forward = (lambda p: (lambda x: masked_conv2d_packed(x.contiguous(), p)))(packed)
+        for conv in model.masked_convs():
+            packed = pack_masked_conv(conv.weight.detach(), conv.mask, conv.bias)
+            # Bound per module: the kernel replaces F.conv2d, the module's weights stay for the cached form.
+            conv.forward = (lambda p: (lambda x: masked_conv2d_packed(x.contiguous(), p)))(packed)
         return model
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
