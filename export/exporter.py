@@ -30,7 +30,7 @@ import torch
 
 from genforge.models.graphs import GraphDef
 from genforge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FORMATS, MANIFEST, read_bundle, sha256_file
-from genforge.runtime.files import atomic_write_json, exclusive_lock
+from genforge.runtime.files import atomic_write_json, exclusive_lock, make_public_dir
 from genforge.train.checkpoint import load_run, save_weights
 
 from .errors import ExportError
@@ -188,6 +188,7 @@ def _export_locked(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    make_public_dir(tmp)  # it becomes the bundle directory
     try:
         graphs: dict[str, Any] = {}
         parity: dict[str, Any] = {}

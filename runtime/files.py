@@ -23,6 +23,9 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file 0600; the renamed file gets the mode an ordinary open() would have given it
+    # (0644 under the usual umask), so a service running as another user can read a run or a bundle.
+    os.fchmod(fd, 0o666 & ~current_umask())
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -34,6 +37,18 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_public_dir(path: Path) -> None:
+    """Give a directory made by mkdtemp (0700) the mode mkdir would have given it (0755 under the usual umask)."""
+    os.chmod(path, 0o777 & ~current_umask())
 
 
 def fsync_dir(path: Path) -> None:

@@ -501,3 +501,22 @@ def test_a_failing_test_reports_its_fresh_seed(tmp_path: Path) -> None:
                            capture_output=True, text=True, cwd=tmp_path, timeout=120,
                            env={**os.environ, "GENFORGE_TEST_SEED": seed})
     assert f"seed {seed}:" in rerun.stdout  # the same seed again, on demand
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_runs_and_bundles_get_the_modes_the_umask_allows(tmp_path: Path, umask: int) -> None:
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); the published files must not keep those modes,
+    or a service running as another user cannot read a bundle its deployment copied in (issue 15, item 7)."""
+    import stat
+
+    old = os.umask(umask)
+    try:
+        run = tiny_run(tmp_path / "run", steps=1)
+        bundle = export_run(run, tmp_path / "bundle", formats=("onnx", "torchscript"))
+    finally:
+        os.umask(old)
+    for root in (run, bundle):
+        for p in [root, *root.rglob("*")]:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            want = (0o777 if p.is_dir() else 0o666) & ~umask
+            assert mode == want, (str(p), oct(mode), oct(want))
