@@ -51,7 +51,9 @@ def _quiet_export() -> Any:
         yield
 
 
-def _export_onnx(g: GraphDef, path: Path, example: tuple[torch.Tensor, ...], opset: int) -> None:
+def _export_onnx(g: GraphDef, path: Path, example: tuple[torch.Tensor, ...], opset: int) -> list[str]:
+    """Write the ONNX graph; returns the names of the inputs the file takes (the exporter drops inputs a
+    graph never reads, e.g. caches the gated model's ``row`` recomputes)."""
     import onnx
 
     names_in = [i["name"] for i in g.inputs]
@@ -66,11 +68,28 @@ def _export_onnx(g: GraphDef, path: Path, example: tuple[torch.Tensor, ...], ops
             opset_version=opset, dynamo=False, do_constant_folding=True,
         )
     proto = onnx.load_from_string(buf.getvalue())
+    # The exporter names dimensions it cannot prove fixed ("LogSoftmaxlog_probs_dim_3", even "batch" for a
+    # height); write the declared shapes into the file, so what a client reads there is the manifest's.
+    declared = {spec["name"]: spec["shape"] for spec in g.inputs + g.outputs}
+    for value in [*proto.graph.input, *proto.graph.output]:
+        shape = declared.get(value.name)
+        if shape is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for d in shape:
+            dim = dims.add()
+            if isinstance(d, str):
+                dim.dim_param = d
+            else:
+                dim.dim_value = d
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"graph {g.name!r} fails onnx.checker: {str(e).splitlines()[0]}") from None
     path.write_bytes(proto.SerializeToString())
+    initializers = {i.name for i in proto.graph.initializer}
+    return [i.name for i in proto.graph.input if i.name not in initializers]
 
 
 def _export_torchscript(g: GraphDef, path: Path, example: tuple[torch.Tensor, ...]) -> None:
@@ -197,9 +216,11 @@ def _export_locked(
             for fmt in formats:
                 fname = f"{g.name}.{'onnx' if fmt == 'onnx' else 'pt'}"
                 path = tmp / fname
+                inputs = g.inputs
                 with torch.no_grad():
                     if fmt == "onnx":
-                        _export_onnx(g, path, tuple(t.clone() for t in example), opset)
+                        taken = _export_onnx(g, path, tuple(t.clone() for t in example), opset)
+                        inputs = [spec for spec in g.inputs if spec["name"] in taken]  # what the file takes
                     else:
                         _export_torchscript(g, path, tuple(t.clone() for t in example))
                 check = verify(fmt, path, g)
@@ -210,7 +231,7 @@ def _export_locked(
                         f"(|eager - export| / (1 + |eager| / 50); tolerance {tolerance:g})"
                     )
                 key = f"{g.name}.{fmt}"
-                graphs[key] = {"format": fmt, "file": fname, "inputs": g.inputs, "outputs": g.outputs}
+                graphs[key] = {"format": fmt, "file": fname, "inputs": inputs, "outputs": g.outputs}
                 parity[key] = check
         # The weights travel too: the Triton backend runs its own kernels on them rather than a graph.
         save_weights(tmp / WEIGHTS, model)

@@ -83,7 +83,7 @@ class OnnxBackend:
             except Exception as e:  # onnxruntime raises its own exception types for bad graphs
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise BundleError(f"{self.bundle.file(spec)}: onnxruntime cannot load the graph ({first})") from None
-            check_onnx_signature(sess, spec, self.bundle.file(spec))
+            check_onnx_signature(sess, spec, self.bundle.file(spec), exact=self.bundle.manifest["version"] >= 3)
             active = sess.get_providers()
             if self._explicit == "cuda" and "CUDAExecutionProvider" not in active:
                 raise RuntimeBackendError("device 'cuda' asked for, but onnxruntime could not start CUDA here")
@@ -98,13 +98,16 @@ class OnnxBackend:
         return OnnxStepper(self)
 
 
-def check_onnx_signature(sess: Any, spec: Any, path: Any) -> None:
-    """The ONNX file's real inputs and outputs must be those the manifest declares (names, ranks and every
-    fixed dimension); the exporter may drop an input a graph never reads, so the file may declare fewer."""
+def check_onnx_signature(sess: Any, spec: Any, path: Any, *, exact: bool = True) -> None:
+    """The ONNX file's real inputs and outputs must be those the manifest declares (names, order, ranks and
+    every fixed dimension). Bundles before format 3 may list inputs the file lacks (``exact=False``)."""
     declared_in = {i["name"]: i["shape"] for i in spec.inputs}
     real_out = [o.name for o in sess.get_outputs()]
     if real_out != spec.output_names:
         raise BundleError(f"{path}: the graph's outputs {real_out} are not the manifest's {spec.output_names}")
+    real_in = [i.name for i in sess.get_inputs()]
+    if exact and real_in != spec.input_names:
+        raise BundleError(f"{path}: the graph's inputs {real_in} are not the manifest's {spec.input_names}")
     pairs = [(i, declared_in.get(i.name)) for i in sess.get_inputs()]
     pairs += [(o, d["shape"]) for o, d in zip(sess.get_outputs(), spec.outputs, strict=True)]
     for arg, shape in pairs:

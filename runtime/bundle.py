@@ -16,8 +16,8 @@ from typing import Any
 from .errors import BundleError
 
 BUNDLE_FORMAT = "genforge-bundle"
-BUNDLE_VERSION = 2  # what the exporter writes; docs/bundle.md says what each version changed
-READABLE_VERSIONS = (1, 2)  # version 1 lacks only optional fields (source.data, source.seed, max_scaled_diff)
+BUNDLE_VERSION = 3  # what the exporter writes; docs/bundle.md says what each version changed
+READABLE_VERSIONS = (1, 2, 3)  # 1 and 2 lack only optional fields, and may list inputs an ONNX file lacks
 MANIFEST = "manifest.json"
 GRAPH_FORMATS = ("onnx", "torchscript")
 

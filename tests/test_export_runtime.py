@@ -59,7 +59,7 @@ def test_forward_parity_eager_onnx_torchscript(runs, key: str, fresh_seed: int) 
 def test_manifest_records_what_it_promises(runs) -> None:
     _, bundle = runs["gated-cond"]
     m = json.loads((bundle / "manifest.json").read_text())
-    assert m["format"] == "genforge-bundle" and m["version"] == 2 and m["family"] == "autoregressive"
+    assert m["format"] == "genforge-bundle" and m["version"] == 3 and m["family"] == "autoregressive"
     assert m["image"] == {"channels": 1, "height": 8, "width": 8} and m["levels"] == 4 and m["num_classes"] == 10
     assert m["likelihood"] == "categorical" and m["opset"] == 17 and m["versions"]["torch"] == torch.__version__
     assert set(m["graphs"]) == {f"{g}.{f}" for g in ("forward", "step", "row") for f in ("onnx", "torchscript")}
@@ -156,8 +156,8 @@ def test_bad_bundles_are_rejected(runs, tmp_path: Path) -> None:
         read_bundle(t)
     v = _copy_bundle(bundle, tmp_path / "version")
     m = json.loads((v / "manifest.json").read_text())
-    (v / "manifest.json").write_text(json.dumps({**m, "version": 3}))
-    with pytest.raises(BundleError, match="version 3 is not supported"):
+    (v / "manifest.json").write_text(json.dumps({**m, "version": 4}))
+    with pytest.raises(BundleError, match="version 4 is not supported"):
         load(v)
     (v / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(BundleError, match="not a genforge bundle manifest"):
