@@ -26,7 +26,7 @@ from genforge.runtime.progress import Progress, chunks
 from . import scores
 from .checkpoint import CONFIG_FILE, load_run, read_run_config
 from .data import ImageData
-from .objectives import objective_for
+from .objectives import eager_latent_functions, objective_for
 from .quality import sample_quality, train_feature_net
 from .run import DataSpec, UsageError, check_data_matches
 
@@ -68,20 +68,8 @@ def _eager_scorer(run_dir: Path) -> Scorer:
 
         return Scorer(family, cfg, log_probs=log_probs, sample=sample)
     if family == "latent":
-        vae = model.variational
-
-        def encode(x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-            with torch.no_grad():
-                out = model.encode(t(x), t(y))
-            if vae:  # (mean, logvar); an autoencoder's code is exact: log-variance zero
-                return out[0].numpy(), out[1].numpy()
-            return out.numpy(), np.zeros_like(out.numpy())
-
-        def decode(z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
-            with torch.no_grad():
-                return model.decode(t(z), t(y)).numpy()
-
-        return Scorer(family, cfg, encode=encode, decode=decode, sample=sample, is_vae=vae)
+        encode, decode = eager_latent_functions(model)
+        return Scorer(family, cfg, encode=encode, decode=decode, sample=sample, is_vae=model.variational)
     return Scorer(family, cfg, sample=sample)
 
 

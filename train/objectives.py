@@ -162,19 +162,7 @@ class LatentObjective(Objective):
                  ) -> dict[str, float]:
         """The sums of train/scores.py, gen-eval's own computation: with the same seed (0, gen-eval's default)
         the epoch's held-out numbers are exactly what ``gen-eval RUN --split valid`` reports."""
-        p = next(model.parameters())
-
-        def t(a: np.ndarray | None) -> torch.Tensor | None:
-            return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(p.device)
-
-        def encode(xs: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-            out = model.encode(t(xs), t(y))
-            mean, logvar = out if self.is_vae else (out, torch.zeros_like(out))
-            return mean.float().cpu().numpy(), logvar.float().cpu().numpy()
-
-        def decode(z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
-            return model.decode(t(z.astype(np.float32)).to(p.dtype), t(y)).float().cpu().numpy()
-
+        encode, decode = eager_latent_functions(model)
         totals: dict[str, float] = {}
         y = None if labels is None else labels.cpu().numpy()
         scores.latent_totals(encode, decode, x.cpu().numpy(), y, variational=self.is_vae, levels=model.config.levels,
@@ -196,6 +184,27 @@ class LatentObjective(Objective):
         mean, std = model.latent_prior()
         z = mean + std * eps
         return levels_from_mean(model.decode(z, lab).double().cpu().numpy(), c.levels)
+
+
+def eager_latent_functions(model: nn.Module) -> tuple[scores.Encode, scores.Decode]:
+    """A latent model's encode and decode as the numpy functions train/scores.py takes (on the model's device
+    and dtype; an autoencoder's log-variance is zero, its code being exact)."""
+    p = next(model.parameters())
+
+    def t(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(p.device)
+
+    @torch.no_grad()
+    def encode(x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        out = model.encode(t(x), t(y))
+        mean, logvar = out if model.variational else (out, torch.zeros_like(out))
+        return mean.float().cpu().numpy(), logvar.float().cpu().numpy()
+
+    @torch.no_grad()
+    def decode(z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        return model.decode(t(z.astype(np.float32)).to(p.dtype), t(y)).float().cpu().numpy()
+
+    return encode, decode
 
 
 GAN_LOSSES = ("non-saturating", "minimax")
