@@ -40,8 +40,6 @@ DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4  # max |eager - exported| / (1 + |eager| / 50) on float32 outputs (verify)
 
 
-
-
 @contextlib.contextmanager
 def _quiet_export() -> Any:
     # The TorchScript-based exporters warn about their own deprecation and about traced shape checks;

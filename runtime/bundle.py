@@ -22,8 +22,6 @@ MANIFEST = "manifest.json"
 GRAPH_FORMATS = ("onnx", "torchscript")
 
 
-
-
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

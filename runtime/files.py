@@ -72,8 +72,6 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 LOCK_FILE = ".genforge.lock"
 
 
-
-
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str | Path, what: str) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``lock_path`` (created if needed) for the block; a second holder

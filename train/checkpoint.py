@@ -40,8 +40,6 @@ STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
-
-
 def read_json(path: str | Path, what: str) -> Any:
     path = Path(path)
     try:

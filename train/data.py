@@ -36,8 +36,6 @@ DATASETS = ("digits", "binarized-mnist", "mnist", "fashion-mnist", "cifar10", "f
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-
-
 @dataclass
 class ImageData:
     """Images as integer levels in [0, levels - 1]: uint8 (N, H, W, C); labels int64 (N,) or None."""

@@ -55,8 +55,6 @@ def _tensorboard(log_dir: Path) -> Any:
     return SummaryWriter(log_dir=str(log_dir))
 
 
-
-
 @dataclass
 class TrainConfig:
     epochs: int = 30
