@@ -94,7 +94,7 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
     try:
         raw = path.read_bytes()
         state = st_load(raw)
-        meta = safe_open_metadata(raw)
+        meta = safetensors_metadata(raw)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing weights file") from None
     except (SafetensorError, OSError, ValueError) as e:
@@ -105,7 +105,7 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
     load_state_checked(model, state, path)
 
 
-def safe_open_metadata(raw: bytes) -> dict[str, str]:
+def safetensors_metadata(raw: bytes) -> dict[str, str]:
     """The __metadata__ of a safetensors file's header (the 8-byte length, then JSON)."""
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])

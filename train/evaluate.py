@@ -28,7 +28,7 @@ from .checkpoint import CONFIG_FILE, load_run, read_run_config
 from .data import ImageData
 from .objectives import eager_latent_functions, objective_for
 from .quality import sample_quality, train_feature_net
-from .run import DataSpec, UsageError, check_data_matches
+from .run import DataSpec, UsageError, check_data_matches, same_path
 
 
 @dataclass
@@ -200,15 +200,10 @@ def eval_data(source: dict[str, Any], given: dict[str, Any], seed: int, what: st
         return DataSpec(**given), seed, False
     name = given.get("name", recorded["name"])
     path = given.get("path", recorded.get("path"))
-    same = name == recorded["name"] and _same_file(path, recorded.get("path"))
+    same = name == recorded["name"] and same_path(path, recorded.get("path"))
     fields = {"name": name, **({k: recorded.get(k) for k in _DATA_FIELDS} if same else {}), **given}
     train_seed = source.get("seed")
     if same and train_seed is None:
         raise UsageError(f"{what} does not record its training seed, so its held-out split cannot be rebuilt")
     return DataSpec(**fields), int(train_seed) if same else seed, same
 
-
-def _same_file(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return a == b
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()

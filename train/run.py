@@ -88,8 +88,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def prepare_out_dir(out: Path, *, overwrite: bool) -> None:
     """Empty ``out`` for a new run (it must be a run itself to be replaced); its lock file stays, held."""
     entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a directory")
     if entries:
         if not overwrite:
             raise UsageError(f"{out}: output directory exists and is not empty (pass --overwrite or --resume)")
@@ -111,8 +109,15 @@ _DATA_OPTIONS = {"data": "name", "data_path": "path", "split": "split", "eval_sp
                  "conditional": "conditional"}
 
 
+def same_path(a: str | None, b: str | None) -> bool:
+    """Two recorded data paths name the same file (or both are unset)."""
+    if a is None or b is None:
+        return a == b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def _flag(option: str) -> str:
-    return "--" + {"n_samples": "samples", "overrides": "set"}.get(option, option).replace("_", "-")
+    return "--" + {"n_samples": "samples"}.get(option, option).replace("_", "-")
 
 
 def check_resume_options(
@@ -129,8 +134,8 @@ def check_resume_options(
         elif option in _DATA_OPTIONS:
             key = _DATA_OPTIONS[option]
             want, have = vars(data)[key], run.data.get(key)
-            if key == "path" and want is not None and have is not None:
-                want, have = str(Path(want).resolve()), str(Path(have).resolve())
+            if key == "path" and same_path(want, have):
+                want = have
         elif option in requested_train:
             want, have = requested_train[option], run.train.get(option)
             if option in RESUME_MUTABLE:
@@ -233,13 +238,14 @@ def run_lock(run_dir: Path) -> Any:
 
 def _resume(run_dir: Path, run: ckpt.RunConfig, changes: dict[str, Any], device: str, progress: bool) -> RunResult:
     data = DataSpec(**run.data)
+    train_data = data.load(data.split, int(run.train["seed"]))
     if not from_env().is_main:
-        return _fit(run, run_dir, data.load(data.split, int(run.train["seed"])), device, progress, resume=True)
+        return _fit(run, run_dir, train_data, device, progress, resume=True)
     with run_lock(run_dir):
         if any(run.train.get(k) != v for k, v in changes.items()):
             run.train.update(changes)
             atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
-        return _fit(run, run_dir, data.load(data.split, int(run.train["seed"])), device, progress, resume=True)
+        return _fit(run, run_dir, train_data, device, progress, resume=True)
 
 
 def _fit(
