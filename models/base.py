@@ -118,9 +118,18 @@ class GenerativeModel(nn.Module):
         draw random inputs; the exporter exports and verifies whatever a model lists."""
         raise NotImplementedError(f"{type(self).__name__} lists no export graphs")
 
+    def latent_prior(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, std) of the Gaussian z is drawn from to sample, for a model with a latent: N(0, I) unless
+        a family fits its own (the autoencoder); None for a model without one."""
+        z = getattr(self.config, "latent_size", None)
+        return None if z is None else (torch.zeros(z), torch.ones(z))
+
     def bundle_fields(self) -> dict[str, Any]:
         """The manifest fields a sampler needs beyond the image: likelihood, latent size and prior."""
-        return {"likelihood": getattr(self.config, "likelihood", None), "latent_size": None, "prior": None}
+        prior = self.latent_prior()
+        return {"likelihood": getattr(self.config, "likelihood", None),
+                "latent_size": getattr(self.config, "latent_size", None),
+                "prior": None if prior is None else {"mean": prior[0].tolist(), "std": prior[1].tolist()}}
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Levels 0..K-1 -> [-1, 1], in the dtype of the model's weights."""

@@ -14,7 +14,7 @@ convolutions. Conditioning: the one-hot label is appended to z, and to D's input
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -93,10 +93,6 @@ class GAN(GenerativeModel):
 
     def export_graphs(self) -> list[GraphDef]:
         return gan_graphs(self)
-
-    def bundle_fields(self) -> dict[str, Any]:
-        z = self.config.latent_size
-        return {**super().bundle_fields(), "latent_size": z, "prior": {"mean": [0.0] * z, "std": [1.0] * z}}
 
     def __init__(self, config: GANConfig) -> None:
         super().__init__(config)

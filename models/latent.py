@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -116,16 +116,6 @@ class LatentModel(GenerativeModel):
 
     def export_graphs(self) -> list[GraphDef]:
         return latent_graphs(self)
-
-    def latent_prior(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the Gaussian z is drawn from to sample: N(0, I) unless a family fits its own."""
-        z = self.config.latent_size
-        return torch.zeros(z), torch.ones(z)
-
-    def bundle_fields(self) -> dict[str, Any]:
-        mean, std = self.latent_prior()
-        return {**super().bundle_fields(), "latent_size": self.config.latent_size,
-                "prior": {"mean": mean.tolist(), "std": std.tolist()}}
 
     def with_labels(self, v: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         oh = self.one_hot(labels, v)
