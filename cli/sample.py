@@ -20,9 +20,11 @@ from .common import BACKEND_CHOICES, one_line_errors
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="auto: triton on CUDA when it imports, else onnx (torch-free), else torchscript.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--decoder", type=click.Choice(["auto", "cached", "naive"]), default="auto", show_default=True,
+@click.option("--decoder", type=click.Choice(["auto", "cached", "naive", "graph"]), default="auto",
+              show_default=True,
               help="cached: the incremental form, about one forward pass per image (auto picks it when the bundle "
-              "has it); naive: one full forward pass per sub-pixel. Same seed, same images.")
+              "has it); naive: one full forward pass per sub-pixel; graph: the bundle's sample.onnx (onnx "
+              "backend). Same seed, same images.")
 @click.option("--complete", "complete_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Image completion: a .npz whose 'images' (N, H, W, C) uint8 levels are kept for --rows rows; "
               "the rest is sampled (N replaces -n).")

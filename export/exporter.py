@@ -14,6 +14,7 @@ handles well. TorchScript uses ``torch.jit.trace``: the graphs have no data-depe
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -31,9 +32,11 @@ import torch
 from genforge.models.graphs import GraphDef
 from genforge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FORMATS, MANIFEST, read_bundle, sha256_file
 from genforge.runtime.files import atomic_write_json, exclusive_lock, make_public_dir
+from genforge.runtime.randomness import SCHEME
 from genforge.train.checkpoint import load_run, save_weights
 
 from .errors import ExportError
+from .sample_graph import SAMPLE_GRAPH, build_sample_graph, verify_sample_graph
 
 WEIGHTS = "weights.safetensors"
 DEFAULT_OPSET = 17
@@ -90,12 +93,47 @@ def _export_onnx(g: GraphDef, path: Path, example: tuple[torch.Tensor, ...], ops
     return [i.name for i in proto.graph.input if i.name not in initializers]
 
 
+def _with_argument_names(module: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    """``module`` behind a forward whose parameters are ``names``: TorchScript takes a traced method's
+    argument names from the Python signature, and a client calling the archive by name needs the manifest's
+    names there (``*rest`` would come out as ``buf``, ``buf0``, ...)."""
+    if not all(n.isidentifier() for n in names):
+        raise ExportError(f"graph input names must be identifiers, got {names}")
+
+    class Graph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *args: torch.Tensor) -> Any:
+            return self.inner(*args)
+
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    Graph.forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, positional) for n in ["self", *names]]
+    )
+    return Graph().eval()
+
+
 def _export_torchscript(g: GraphDef, path: Path, example: tuple[torch.Tensor, ...]) -> None:
     with _quiet_export():
-        traced = torch.jit.trace(g.module.eval(), example, check_trace=False)
+        traced = torch.jit.trace(_with_argument_names(g.module, [i["name"] for i in g.inputs]), example,
+                                 check_trace=False)
         # Freezing folds parameters into constants, so weight * mask is computed once here rather than on
         # every call of a decoding step.
         torch.jit.freeze(traced).save(str(path))
+
+
+def mutated_inputs(path: Path, g: GraphDef) -> list[str]:
+    """The inputs a TorchScript graph writes into in place, found by running the file: a cached step
+    updates its caches in place (copying them out of place would dominate a step), so the manifest says so."""
+    with _quiet_export():
+        module = torch.jit.load(str(path), map_location="cpu")
+    args = g.make_inputs(2, torch.Generator().manual_seed(1))
+    before = [a.clone() for a in args]
+    with torch.no_grad():
+        module(*args)
+    return [spec["name"] for spec, a, b in zip(g.inputs, args, before, strict=True) if not torch.equal(a, b)]
 
 
 def _run_exported(fmt: str, path: Path, g: GraphDef, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
@@ -134,6 +172,32 @@ def verify(fmt: str, path: Path, g: GraphDef, *, batch: int = 3, seed: int | Non
         worst = max(worst, float(np.max(diff, initial=0.0)))
         scaled = max(scaled, float(np.max(diff / (1.0 + np.abs(a_np) / 50.0), initial=0.0)))
     return {"max_abs_diff": worst, "max_scaled_diff": scaled, "batch": batch, "seed": seed}
+
+
+def _cache_spec(step: GraphDef, name: str) -> dict[str, Any]:
+    spec = next(o for o in step.outputs if o["name"] == f"new_{name}")
+    return {"shape": spec["shape"], "dtype": spec["dtype"]}
+
+
+def _write_sample_graph(tmp: Path, step: GraphDef, cfg: Any) -> dict[str, Any]:
+    """Compose sample.onnx from the row and step files just written (export/sample_graph.py); its manifest
+    entry."""
+    import onnx
+
+    caches = [(n, tuple(_cache_spec(step, n)["shape"][1:])) for n in step.state]
+    proto = build_sample_graph(
+        onnx.load(str(tmp / "row.onnx")), onnx.load(str(tmp / "step.onnx")), caches=caches, height=cfg.height,
+        width=cfg.width, channels=cfg.channels, levels=cfg.levels, conditional=bool(cfg.num_classes),
+    )
+    (tmp / f"{SAMPLE_GRAPH}.onnx").write_bytes(proto.SerializeToString())
+    image = ["batch", cfg.height, cfg.width, cfg.channels]
+    inputs = [{"name": "uniforms", "shape": image, "dtype": "float64"},
+              {"name": "prefix", "shape": image, "dtype": "uint8"},
+              {"name": "start_row", "shape": [1], "dtype": "int64"}]
+    if cfg.num_classes:
+        inputs.append({"name": "labels", "shape": ["batch"], "dtype": "int64"})
+    return {"format": "onnx", "file": f"{SAMPLE_GRAPH}.onnx", "role": SAMPLE_GRAPH, "inputs": inputs,
+            "outputs": [{"name": "images", "shape": image, "dtype": "uint8"}], "state": [], "mutates_inputs": []}
 
 
 def _version(dist: str) -> str:
@@ -229,8 +293,17 @@ def _export_locked(
                         f"(|eager - export| / (1 + |eager| / 50); tolerance {tolerance:g})"
                     )
                 key = f"{g.name}.{fmt}"
-                graphs[key] = {"format": fmt, "file": fname, "inputs": inputs, "outputs": g.outputs}
+                taken_names = {i["name"] for i in inputs}
+                graphs[key] = {
+                    "format": fmt, "file": fname, "role": g.name, "inputs": inputs, "outputs": g.outputs,
+                    "state": [{"cache": n, "input": f"cache_{n}" if f"cache_{n}" in taken_names else None,
+                               "output": f"new_{n}"} for n in g.state],
+                    "mutates_inputs": mutated_inputs(path, g) if fmt == "torchscript" else [],
+                }
                 parity[key] = check
+        by_name = {g.name: g for g in defs}
+        if "onnx" in formats and "step" in by_name and "row" in by_name:
+            graphs[f"{SAMPLE_GRAPH}.onnx"] = _write_sample_graph(tmp, by_name["step"], model.config)
         # The weights travel too: the Triton backend runs its own kernels on them rather than a graph.
         save_weights(tmp / WEIGHTS, model)
         cfg = model.config
@@ -245,7 +318,9 @@ def _export_locked(
             "num_classes": cfg.num_classes,
             **model.bundle_fields(),  # likelihood, latent_size, prior
             "graphs": graphs,
-            "decoders": ["naive", "cached"] if any(k.startswith("step.") for k in graphs) else ["naive"],
+            "decoders": (["naive", "cached"] if any(k.startswith("step.") for k in graphs) else ["naive"])
+            + (["graph"] if f"{SAMPLE_GRAPH}.onnx" in graphs else []),
+            "randomness": SCHEME,
             "parity": parity,
             "opset": opset if "onnx" in formats else None,
             "versions": {"genforge": _version("genforge"), "torch": torch.__version__, "onnx": _version("onnx")},
@@ -256,8 +331,18 @@ def _export_locked(
             "weights": WEIGHTS,
             "files": {f: sha256_file(tmp / f) for f in sorted({WEIGHTS} | {g["file"] for g in graphs.values()})},
         }
+        if "step" in by_name:
+            manifest["caches"] = [{"name": n, **_cache_spec(by_name["step"], n)} for n in by_name["step"].state]
         atomic_write_json(tmp / MANIFEST, manifest)
         read_bundle(tmp)  # the bundle must pass the runtime's own validation before it is published
+        if f"{SAMPLE_GRAPH}.onnx" in graphs:
+            check = verify_sample_graph(tmp)
+            if check["mismatched_subpixels"]:
+                raise ExportError(f"sample.onnx differs from cached decoding in {check['mismatched_subpixels']} "
+                                  "sub-pixels on fresh uniforms")
+            manifest["parity"][f"{SAMPLE_GRAPH}.onnx"] = check
+            atomic_write_json(tmp / MANIFEST, manifest)
+            read_bundle(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -7,7 +7,7 @@ model is. Shared here: the method and cached-step wrappers and the three familie
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +29,9 @@ class GraphDef:
     inputs: list[dict[str, Any]]  # {"name", "shape" (with "batch"), "dtype"}
     outputs: list[dict[str, Any]]
     make_inputs: Callable[[int, torch.Generator], tuple[torch.Tensor, ...]]
+    # Cached decoding: the caches this graph carries, by name; input ``cache_NAME`` of one call is output
+    # ``new_NAME`` of the call before (docs/bundle.md, "Cached decoding").
+    state: list[str] = field(default_factory=list)
 
 
 class MethodGraph(nn.Module):
@@ -109,13 +112,13 @@ def cached_graphs(model: Any) -> list[GraphDef]:
         GraphDef(
             "step", CachedGraph(inc, "step", bool(c.num_classes)),
             [{"name": "x_row", **row_x}, {"name": "j", "shape": [1], "dtype": "int64"}, *cache_in, *label_in],
-            [lp, *cache_out], make_step,
+            [lp, *cache_out], make_step, [n for n, _ in specs],
         ),
         GraphDef(
             "row", CachedGraph(inc, "row", bool(c.num_classes)),
             [{"name": "x_prev_row", **row_x}, {"name": "has_prev", "shape": [1], "dtype": "float32"},
              *cache_in, *label_in],
-            cache_out, make_row,
+            cache_out, make_row, [n for n, _ in specs],
         ),
     ]
 

@@ -7,6 +7,7 @@ presence and sha256. Anything it does not understand is a BundleError with one l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
+from .randomness import SCHEME
 
 BUNDLE_FORMAT = "genforge-bundle"
-BUNDLE_VERSION = 3  # what the exporter writes; docs/bundle.md says what each version changed
-READABLE_VERSIONS = (1, 2, 3)  # 1 and 2 lack only optional fields, and may list inputs an ONNX file lacks
+BUNDLE_VERSION = 4  # what the exporter writes; docs/bundle.md says what each version changed
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1 and 2 lack only optional fields, and may list inputs an ONNX file lacks
 MANIFEST = "manifest.json"
 GRAPH_FORMATS = ("onnx", "torchscript")
 
@@ -119,6 +121,7 @@ def read_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise BundleError(f"{manifest_path}: manifest lacks field(s) {', '.join(missing)}")
+    _check_schema(manifest, manifest_path)
     files = manifest["files"]
     graphs = manifest["graphs"]
     if not isinstance(files, dict) or not isinstance(graphs, dict) or not graphs:
@@ -127,6 +130,10 @@ def read_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
         if not isinstance(g, dict) or g.get("format") not in GRAPH_FORMATS or g.get("file") not in files:
             raise BundleError(f"{manifest_path}: graph {key!r} is malformed or names a file not in 'files'")
     _check_consistency(manifest, manifest_path)
+    scheme = manifest.get("randomness")
+    if scheme is not None and scheme != SCHEME:
+        raise BundleError(f"{manifest_path}: the bundle's randomness scheme {scheme} is not this genforge's {SCHEME} "
+                          "(seeded samples would differ from the ones it was exported for)")
     for name, digest in files.items():
         f = p / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
@@ -136,6 +143,24 @@ def read_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
         if verify_hashes and sha256_file(f) != digest:
             raise BundleError(f"{f}: sha256 does not match the manifest (the file was modified or truncated)")
     return Bundle(p, manifest)
+
+
+SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
+
+
+@functools.lru_cache(maxsize=1)
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) every manifest this genforge reads must satisfy."""
+    return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+
+
+def _check_schema(manifest: dict[str, Any], where: Path) -> None:
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(manifest_schema()).iter_errors(manifest))
+    if error is not None:
+        at = "/".join(str(p) for p in error.absolute_path) or "the top level"
+        raise BundleError(f"{where}: manifest does not follow the bundle schema at {at}: {error.message}")
 
 
 FAMILY_GRAPHS = {"autoregressive": ("forward",), "latent": ("encode", "decode"), "gan": ("generate",)}
@@ -167,7 +192,8 @@ def _check_consistency(manifest: dict[str, Any], where: Path) -> None:
         if key in cfg and cfg[key] != value:
             raise BundleError(f"{where}: the manifest says {key} {value} but its model_config says {cfg[key]}")
     # Shapes after the batch dimension that a graph input or output of this name must have.
-    expected = {"x": [c, h, w], "x_mean": [c, h, w], "x_row": [c, w], "x_prev_row": [c, w]}
+    expected = {"x": [c, h, w], "x_mean": [c, h, w], "x_row": [c, w], "x_prev_row": [c, w], "uniforms": [h, w, c],
+                "prefix": [h, w, c], "images": [h, w, c]}
     for key, g in manifest["graphs"].items():
         for spec in [*g.get("inputs", []), *g.get("outputs", [])]:
             if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list) or "name" not in spec:

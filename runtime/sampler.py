@@ -90,15 +90,16 @@ class Sampler:
         return images
 
 
-DECODERS = ("cached", "naive")
+DECODERS = ("cached", "naive", "graph")
 
 
 class AutoregressiveSampler(Sampler):
     """Samples and scores images of an autoregressive bundle (PixelCNN, Gated PixelCNN, PixelRNN).
 
     ``decoder="cached"`` (the default where the bundle has the step graphs) runs the incremental form:
-    about one forward pass per image. ``"naive"`` runs the full forward graph once per sub-pixel. With the
-    same seed both give the same images.
+    about one forward pass per image. ``"naive"`` runs the full forward graph once per sub-pixel.
+    ``"graph"`` runs the bundle's ``sample.onnx`` (the cached loop inside one ONNX graph; onnx backend).
+    With the same seed all give the same images.
     """
 
     @property
@@ -109,6 +110,15 @@ class AutoregressiveSampler(Sampler):
         self, u: np.ndarray, labels: np.ndarray | None, decoder: str, bar: Progress,
         prefix: np.ndarray | None = None, start_row: int = 0,
     ) -> np.ndarray:
+        if decoder == "graph":
+            h, w, c = self.image_shape
+            feed = {"uniforms": u, "prefix": np.zeros((len(u), h, w, c), np.uint8) if prefix is None else prefix,
+                    "start_row": np.array([start_row], dtype=np.int64)}
+            if labels is not None:
+                feed["labels"] = labels
+            out = self.backend.run("sample", feed)[0]
+            bar.update(len(u) * h)
+            return out
         if decoder == "cached" and self.backend.fused:
             return self.backend.decode_images(u, labels, prefix, start_row)  # type: ignore[attr-defined]
         if decoder == "cached":
@@ -124,6 +134,8 @@ class AutoregressiveSampler(Sampler):
             raise InputError(f"unknown decoder {decoder!r}; choose one of auto, {', '.join(DECODERS)}")
         if decoder not in self.decoders:
             raise InputError(f"this bundle has no {decoder} decoder (it has: {', '.join(self.decoders)})")
+        if decoder == "graph" and self.backend.name != "onnx":
+            raise InputError(f"decoder 'graph' runs sample.onnx on the onnx backend, not {self.backend.name}")
         return decoder
 
     def forward(self, x: np.ndarray, labels: np.ndarray | None) -> np.ndarray:

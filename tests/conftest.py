@@ -30,3 +30,37 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         for key, value in item.user_properties:
             if key == "fresh_seed":
                 report.sections.append(("fresh inputs", f"seed {value}: rerun with GENFORGE_TEST_SEED={value}"))
+
+
+FAMILY_MODELS = ("pixelcnn", "gated-pixelcnn", "row-lstm", "diagonal-bilstm", "pixelcnn-rgb", "vae", "gan")
+AUTOREGRESSIVE = ("pixelcnn", "gated-pixelcnn", "row-lstm", "diagonal-bilstm", "pixelcnn-rgb")
+
+
+@pytest.fixture(scope="session")
+def family_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A bundle (ONNX and TorchScript) of each kind of graph set: PixelCNN; gated, conditional (its ONNX row
+    drops caches); Row LSTM; Diagonal BiLSTM; a colour PixelCNN with a logistic-mixture head; VAE; GAN."""
+    import numpy as np
+    from PIL import Image
+
+    from genforge.export import export_run
+    from genforge.train import DataSpec, TrainConfig, train_run
+
+    root = tmp_path_factory.mktemp("families")
+    rng = np.random.default_rng(0)
+    (root / "rgb").mkdir()
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(root / "rgb" / f"{i}.png")
+    tiny = {"hidden": 6, "layers": 1, "output_hidden": 6}
+    small = {"pixelcnn": tiny, "gated-pixelcnn": tiny, "row-lstm": {"hidden": 4, "layers": 1, "output_hidden": 4},
+             "diagonal-bilstm": {"hidden": 4, "layers": 1, "output_hidden": 4},
+             "pixelcnn-rgb": {**tiny, "likelihood": "logistic-mixture"},
+             "vae": {"latent_size": 4, "hidden": 8, "depth": 1}, "gan": {"latent_size": 4, "hidden": 8}}
+    out = {}
+    for name, overrides in small.items():
+        data = (DataSpec("folder", path=str(root / "rgb"), image_size=6, levels=8) if name == "pixelcnn-rgb"
+                else DataSpec(levels=4, conditional=name == "gated-pixelcnn"))
+        run = train_run(model=name.removesuffix("-rgb"), data=data, model_overrides=overrides, out=root / name,
+                        progress=False, train=TrainConfig(steps=1, batch_size=16, n_samples=0, eval_limit=8))
+        out[name] = export_run(run.run_dir, root / f"{name}-bundle", formats=("onnx", "torchscript"))
+    return out

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from genforge.cli.main import export_command, sample_command
 from genforge.export import ExportError, export_run
 from genforge.runtime import BundleError, InputError, load, read_bundle
+from genforge.runtime.bundle import BUNDLE_VERSION
 from genforge.train import DataSpec, TrainConfig, load_run, train_run
 from genforge.train.objectives import objective_for
 
@@ -59,22 +60,24 @@ def test_forward_parity_eager_onnx_torchscript(runs, key: str, fresh_seed: int) 
 def test_manifest_records_what_it_promises(runs) -> None:
     _, bundle = runs["gated-cond"]
     m = json.loads((bundle / "manifest.json").read_text())
-    assert m["format"] == "genforge-bundle" and m["version"] == 3 and m["family"] == "autoregressive"
+    assert m["format"] == "genforge-bundle" and m["version"] == BUNDLE_VERSION and m["family"] == "autoregressive"
     assert m["image"] == {"channels": 1, "height": 8, "width": 8} and m["levels"] == 4 and m["num_classes"] == 10
     assert m["likelihood"] == "categorical" and m["opset"] == 17 and m["versions"]["torch"] == torch.__version__
-    assert set(m["graphs"]) == {f"{g}.{f}" for g in ("forward", "step", "row") for f in ("onnx", "torchscript")}
-    assert m["decoders"] == ["naive", "cached"]
+    assert set(m["graphs"]) == {f"{g}.{f}" for g in ("forward", "step", "row") for f in ("onnx", "torchscript")} | {
+        "sample.onnx"}
+    assert m["decoders"] == ["naive", "cached", "graph"]
     step = m["graphs"]["step.onnx"]
     caches = [i for i in step["inputs"] if i["name"].startswith("cache_")]
     assert caches and [o["name"] for o in step["outputs"]] == ["log_probs"] + [
         "new_" + i["name"][len("cache_"):] for i in caches]
     g = m["graphs"]["forward.onnx"]
     assert [i["name"] for i in g["inputs"]] == ["x", "labels"] and g["inputs"][0]["shape"][0] == "batch"
+    assert m["parity"].pop("sample.onnx")["mismatched_subpixels"] == 0  # images compared, not floats
     for key, check in m["parity"].items():
         assert 0 <= check["max_scaled_diff"] <= check["max_abs_diff"] and check["max_scaled_diff"] <= 1e-4, key
         assert check["tolerance"] == 1e-4, key
     assert set(m["files"]) == {f"{g}.{e}" for g in ("forward", "step", "row") for e in ("onnx", "pt")} | {
-        "weights.safetensors"}
+        "weights.safetensors", "sample.onnx"}
 
 
 @pytest.mark.parametrize("key", ["pixelcnn", "gated-cond"])
@@ -156,8 +159,8 @@ def test_bad_bundles_are_rejected(runs, tmp_path: Path) -> None:
         read_bundle(t)
     v = _copy_bundle(bundle, tmp_path / "version")
     m = json.loads((v / "manifest.json").read_text())
-    (v / "manifest.json").write_text(json.dumps({**m, "version": 4}))
-    with pytest.raises(BundleError, match="version 4 is not supported"):
+    (v / "manifest.json").write_text(json.dumps({**m, "version": BUNDLE_VERSION + 1}))
+    with pytest.raises(BundleError, match=f"version {BUNDLE_VERSION + 1} is not supported"):
         load(v)
     (v / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(BundleError, match="not a genforge bundle manifest"):
@@ -165,7 +168,7 @@ def test_bad_bundles_are_rejected(runs, tmp_path: Path) -> None:
     (v / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="corrupt manifest"):
         load(v)
-    (v / "manifest.json").write_text(json.dumps({**m, "files": {**m["files"], "../x": "0"}}))
+    (v / "manifest.json").write_text(json.dumps({**m, "files": {**m["files"], "../x": "0" * 64}}))
     with pytest.raises(BundleError, match="outside the bundle"):
         load(v)
     with pytest.raises(BundleError, match="no such bundle"):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import FAMILY_MODELS
 
 from genforge.cli.main import eval_command, export_command, sample_command, train_command
 from genforge.export import ExportError, export_run
@@ -265,6 +266,8 @@ def test_the_onnx_file_must_match_what_the_manifest_declares(run_and_bundle, tmp
             for spec in [*g["inputs"], *g["outputs"]]:
                 if spec["name"] in ("x", "log_probs") and len(spec["shape"]) >= 4:
                     spec["shape"][2] = 16
+                if spec["name"] in ("uniforms", "prefix", "images"):  # sample.onnx: (batch, H, W, C)
+                    spec["shape"][1] = 16
     edited = _edit_manifest(bundle, tmp_path / "edited", edit)
     with pytest.raises(BundleError, match="in the graph but"):
         load(edited, backend="onnx").sample(1, decoder="naive")
@@ -382,7 +385,7 @@ def test_a_trained_model_exports_at_the_default_tolerance(tmp_path: Path, monkey
     parity = json.loads((bundle / "manifest.json").read_text())["parity"]
     # The sigmoid heads stay far inside the tolerance (measured ~2e-6); the gaussian's bin masses are
     # differences of nearby CDF values, and random step caches took it to 5e-5 at worst over 60 seeds.
-    scaled = {k: p["max_scaled_diff"] for k, p in parity.items()}
+    scaled = {k: p["max_scaled_diff"] for k, p in parity.items() if k != "sample.onnx"}  # that one: exact images
     assert max(scaled.values()) < (1e-4 if likelihood == "gaussian" else 1e-5), scaled
     if likelihood == "bernoulli":  # the control: the old formulation fails on this very model
         monkeypatch.setattr(heads, "log_sigmoid", F.logsigmoid)
@@ -448,7 +451,7 @@ def test_a_version_1_bundle_still_loads_and_gen_eval_asks_for_its_data(run_and_b
         m["version"] = 1
         m["source"] = {k: v for k, v in m["source"].items() if k in ("run_dir", "ema")}
         for p in m["parity"].values():
-            p.pop("max_scaled_diff")
+            p.pop("max_scaled_diff", None)
     old = _edit_manifest(bundle, tmp_path / "v1", to_v1)
     assert load(old).sample(2, seed=3).tolist() == load(bundle).sample(2, seed=3).tolist()
     with pytest.raises(UsageError, match="does not record the data it was trained on"):
@@ -522,29 +525,15 @@ def test_runs_and_bundles_get_the_modes_the_umask_allows(tmp_path: Path, umask: 
             assert mode == want, (str(p), oct(mode), oct(want))
 
 
-@pytest.fixture(scope="module")
-def family_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A bundle of each kind of graph set: PixelCNN, gated (its ONNX row drops caches), Row LSTM, VAE, GAN."""
-    root = tmp_path_factory.mktemp("families")
-    small = {"pixelcnn": TINY, "gated-pixelcnn": TINY, "row-lstm": {"hidden": 4, "layers": 1, "output_hidden": 4},
-             "vae": {"latent_size": 4, "hidden": 8, "depth": 1}, "gan": {"latent_size": 4, "hidden": 8}}
-    out = {}
-    for name, overrides in small.items():
-        run = train_run(model=name, data=DataSpec(levels=4, conditional=name == "gated-pixelcnn"),
-                        model_overrides=overrides, out=root / name, progress=False,
-                        train=TrainConfig(steps=1, batch_size=16, n_samples=0, eval_limit=8))
-        out[name] = export_run(run.run_dir, root / f"{name}-bundle", formats=("onnx", "torchscript"))
-    return out
-
-
-@pytest.mark.parametrize("name", ["pixelcnn", "gated-pixelcnn", "row-lstm", "vae", "gan"])
+@pytest.mark.parametrize("name", FAMILY_MODELS)
 def test_the_manifest_lists_exactly_what_each_onnx_file_takes_and_returns(family_bundles, name: str) -> None:
     """Read from the files, not from the exporter's intentions (issue 15, item 3, for the ONNX graphs)."""
     import onnx
 
     bundle = family_bundles[name]
     manifest = json.loads((bundle / "manifest.json").read_text())
-    dtypes = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+    dtypes = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.DOUBLE: "float64",
+              onnx.TensorProto.UINT8: "uint8"}
 
     def signature(values) -> list[dict[str, object]]:
         out = []

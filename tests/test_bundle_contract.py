@@ -1,0 +1,281 @@
+"""The bundle as a contract a non-Python client can use (issue 15): the randomness scheme against its test
+vectors and independent implementations, the manifest against its JSON Schema and against the TorchScript
+files, and sample.onnx against the runtime's decoding loops."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import AUTOREGRESSIVE, FAMILY_MODELS
+
+import genforge.export.exporter as exporter
+from genforge.cli.main import sample_command
+from genforge.export import ExportError, export_run
+from genforge.runtime import BundleError, InputError, load, read_bundle
+from genforge.runtime.bundle import SCHEMA_FILE, manifest_schema
+from genforge.runtime.randomness import SCHEME, blocks, normals, philox4x32, uniforms
+
+VECTORS = json.loads((SCHEMA_FILE.parent / "randomness_vectors.json").read_text())
+
+
+# ---- randomness -------------------------------------------------------------------------------------------
+
+def test_philox_matches_the_published_known_answers() -> None:
+    """Random123's known-answer vectors for philox4x32-10 (kat_vectors), an implementation we did not write."""
+    for case in VECTORS["philox4x32_10"]:
+        got = philox4x32(np.array(case["counter"]), tuple(case["key"]))
+        assert [int(v) for v in got] == case["words"], case
+
+
+def test_the_scheme_reproduces_its_test_vectors() -> None:
+    assert VECTORS["scheme"] == SCHEME
+    for case in VECTORS["uniforms"]:
+        seed, image, stream = int(case["seed"]), int(case["image"]), case["stream"]
+        assert [int(v) for v in blocks(seed, image, image + 1, 1, stream)[0, 0]] == case["first_block_words"]
+        got = uniforms(seed, image, image + 1, (len(case["uniforms"]),), stream)[0]
+        assert got.tolist() == case["uniforms"], case  # bit for bit
+    for case in VECTORS["normals"]:
+        seed, image = int(case["seed"]), int(case["image"])
+        got = normals(seed, image, image + 1, len(case["normals"]))[0]
+        np.testing.assert_array_max_ulp(got, np.array(case["normals"]), maxulp=1)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="compares with Triton's interpreter")
+def test_triton_philox_draws_the_same_words(fresh_seed: int) -> None:
+    """A GPU kernel can draw its own uniforms: tl.philox with our key and counter layout gives our words."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def words(out, seed, image_lo, image_hi, stream, N: tl.constexpr):
+        b = tl.arange(0, N)
+        zero = b * 0
+        w0, w1, w2, w3 = tl.philox(seed, b.to(tl.uint32), (zero + image_lo).to(tl.uint32),
+                                   (zero + image_hi).to(tl.uint32), (zero + stream).to(tl.uint32))
+        for k, w in enumerate((w0, w1, w2, w3)):
+            tl.store(out + b * 4 + k, w.to(tl.int64) & 0xFFFFFFFF)
+
+    rng = np.random.default_rng(fresh_seed)
+    seed, image = int(rng.integers(0, 2**63)), int(rng.integers(0, 2**40))
+    out = torch.zeros(16 * 4, dtype=torch.int64)
+    words[(1,)](out, seed, image & 0xFFFFFFFF, image >> 32, 1, N=16)
+    want = blocks(seed, image, image + 1, 16, stream=1)[0].astype(np.int64)
+    np.testing.assert_array_equal(out.numpy().reshape(16, 4), want)
+
+
+def test_uniforms_depend_on_the_image_index_only(fresh_seed: int) -> None:
+    seed = fresh_seed
+    whole = uniforms(seed, 0, 12, (5, 5, 3))
+    np.testing.assert_array_equal(whole[4:9], uniforms(seed, 4, 9, (5, 5, 3)))
+    # Image i's first values do not depend on how many values are asked for.
+    np.testing.assert_array_equal(uniforms(seed, 3, 4, (7,))[0], uniforms(seed, 3, 4, (75,))[0, :7])
+    assert not np.array_equal(uniforms(seed, 0, 1, (8,)), uniforms(seed, 0, 1, (8,), stream=1))
+    assert not np.array_equal(uniforms(seed, 0, 1, (8,)), uniforms(seed + 1, 0, 1, (8,)))
+
+
+def test_uniforms_and_normals_have_their_distributions(fresh_seed: int) -> None:
+    u = uniforms(fresh_seed, 0, 200, (25, 25)).ravel()  # 125,000 values
+    assert u.min() >= 0 and u.max() < 1
+    # Kolmogorov-Smirnov distance; the 0.1% critical value for n = 125,000 is 1.95 / sqrt(n) = 0.0055.
+    s = np.sort(u)
+    n = len(s)
+    assert max(np.max(np.arange(1, n + 1) / n - s), np.max(s - np.arange(n) / n)) < 0.0055
+    z = normals(fresh_seed, 0, 500, 200).ravel()  # 100,000 values
+    assert abs(z.mean()) < 0.015 and abs(z.std() - 1) < 0.015  # > 4.5 standard errors
+    assert abs(np.mean(np.abs(z) > 1.959964) - 0.05) < 0.004
+
+
+def test_out_of_range_seeds_are_refused() -> None:
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            uniforms(bad, 0, 1, (2,))
+
+
+# ---- the manifest and the files -----------------------------------------------------------------------------
+
+def test_the_schema_is_a_valid_json_schema_and_every_exported_manifest_follows_it(family_bundles) -> None:
+    schema = manifest_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for name, bundle in family_bundles.items():
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        jsonschema.validate(manifest, schema, cls=jsonschema.Draft202012Validator)
+        assert manifest["randomness"] == SCHEME, name
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m["graphs"]["forward.onnx"]["inputs"][0].update(dtype="float16"), r"graphs/forward\.onnx/inputs/0"),
+    (lambda m: m["graphs"]["step.onnx"].pop("role"), "'role' is a required property"),
+    (lambda m: m.pop("randomness"), "'randomness' is a required property"),
+    (lambda m: m["files"].update({"forward.onnx": "not-a-hash"}), r"files/forward\.onnx"),
+    (lambda m: m["image"].update(channels=2), "image/channels"),
+])
+def test_a_manifest_off_the_schema_is_refused(family_bundles, tmp_path: Path, edit, message: str) -> None:
+    bundle = family_bundles["pixelcnn"]
+    copy = tmp_path / "b"
+    copy.mkdir()
+    for f in bundle.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"does not follow the bundle schema at .*{message}|{message}") as e:
+        read_bundle(copy)
+    assert "\n" not in str(e.value)
+
+
+def test_a_bundle_of_another_randomness_scheme_is_refused(family_bundles, tmp_path: Path) -> None:
+    bundle = family_bundles["pixelcnn"]
+    copy = tmp_path / "b"
+    copy.mkdir()
+    for f in bundle.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["randomness"] = {"name": "philox4x32-10", "version": 2}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="randomness scheme"):
+        read_bundle(copy)
+
+
+def _inputs_for(spec: list[dict], manifest: dict, batch: int, g: torch.Generator) -> list[torch.Tensor]:
+    """Valid random inputs for a graph, from its manifest entry alone (as a client would build them)."""
+    levels, classes, width = manifest["levels"], manifest["num_classes"], manifest["image"]["width"]
+    out = []
+    for s in spec:
+        shape = [batch if d == "batch" else d for d in s["shape"]]
+        if s["name"] == "labels":
+            out.append(torch.randint(0, max(classes, 1), shape, generator=g))
+        elif s["name"] == "j":
+            out.append(torch.randint(0, width, shape, generator=g))
+        elif s["name"] == "has_prev":
+            out.append(torch.ones(shape))
+        elif s["name"] in ("x", "x_row", "x_prev_row"):
+            out.append(torch.randint(0, levels, shape, generator=g).float())
+        else:
+            out.append(torch.randn(shape, generator=g))
+    return out
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_the_manifest_matches_each_torchscript_file(family_bundles, name: str, fresh_seed: int) -> None:
+    """Argument names and order read from the archive's schema; output count, dtypes and shapes from running
+    it on inputs built from the manifest; the inputs it writes into are exactly ``mutates_inputs``."""
+    bundle = family_bundles[name]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    ts = {k: g for k, g in manifest["graphs"].items() if g["format"] == "torchscript"}
+    assert ts
+    g = torch.Generator().manual_seed(fresh_seed)
+    dtypes = {torch.float32: "float32", torch.int64: "int64"}
+    for key, entry in ts.items():
+        with warnings.catch_warnings():  # torch.jit.load warns of its own deprecation
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(bundle / entry["file"]))
+        args = [a.name for a in module.forward.schema.arguments][1:]  # without self
+        assert args == [i["name"] for i in entry["inputs"]], key
+        assert entry["role"] == key.split(".")[0]
+        inputs = _inputs_for(entry["inputs"], manifest, 3, g)
+        before = [t.clone() for t in inputs]
+        with torch.no_grad():
+            out = module(*inputs)
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        assert len(outs) == len(entry["outputs"]), key
+        for o, spec in zip(outs, entry["outputs"], strict=True):
+            assert dtypes[o.dtype] == spec["dtype"], (key, spec["name"])
+            assert list(o.shape) == [3 if d == "batch" else d for d in spec["shape"]], (key, spec["name"])
+        changed = [i["name"] for i, a, b in zip(entry["inputs"], inputs, before, strict=True) if not torch.equal(a, b)]
+        assert changed == entry["mutates_inputs"], key
+        if entry["role"] == "step":
+            assert changed, "the TorchScript step writes its caches in place; the manifest must say which"
+
+
+@pytest.mark.parametrize("name", AUTOREGRESSIVE)
+def test_cache_pairing_is_recorded_for_the_cached_graphs(family_bundles, name: str) -> None:
+    manifest = json.loads((family_bundles[name] / "manifest.json").read_text())
+    caches = [c["name"] for c in manifest["caches"]]
+    for key in ("step.onnx", "row.onnx", "step.torchscript", "row.torchscript"):
+        entry = manifest["graphs"][key]
+        ins, outs = [i["name"] for i in entry["inputs"]], [o["name"] for o in entry["outputs"]]
+        assert [s["cache"] for s in entry["state"]] == caches, key
+        for s in entry["state"]:
+            assert s["output"] in outs and (s["input"] is None or s["input"] in ins), (key, s)
+        # Every cache input the file takes is paired with the output of the same cache.
+        assert sorted(i for i in ins if i.startswith("cache_")) == sorted(s["input"] for s in entry["state"]
+                                                                          if s["input"]), key
+
+
+# ---- sample.onnx --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", AUTOREGRESSIVE)
+def test_the_sampling_graph_draws_the_runtime_images(family_bundles, name: str, fresh_seed: int) -> None:
+    """Through the runtime (decoder="graph") and against both cached and naive decoding, whole images and
+    completions, with labels where the model takes them; the export recorded its own check."""
+    bundle = family_bundles[name]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["decoders"] == ["naive", "cached", "graph"]
+    assert manifest["parity"]["sample.onnx"]["mismatched_subpixels"] == 0
+    s = load(bundle, backend="onnx", device="cpu")
+    seed = fresh_seed
+    graph = s.sample(4, seed=seed, decoder="graph", batch_size=3)
+    np.testing.assert_array_equal(graph, s.sample(4, seed=seed, decoder="cached"))
+    np.testing.assert_array_equal(graph, s.sample(4, seed=seed, decoder="naive"))
+    assert graph.dtype == np.uint8 and graph.shape == (4, *s.image_shape)
+    rows = s.image_shape[0] // 2
+    completed = s.complete(graph[::-1], rows, seed=seed + 1, decoder="graph")
+    np.testing.assert_array_equal(completed, s.complete(graph[::-1], rows, seed=seed + 1, decoder="cached"))
+    np.testing.assert_array_equal(completed[:, :rows], graph[::-1][:, :rows])
+
+
+def test_the_sampling_graph_is_one_self_contained_onnx_file(family_bundles) -> None:
+    """A client needs nothing but the file: uniforms in, uint8 images out, the same images as the runtime."""
+    import onnxruntime as ort
+
+    bundle = family_bundles["gated-pixelcnn"]
+    sess = ort.InferenceSession(str(bundle / "sample.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["uniforms", "prefix", "start_row", "labels"]
+    h, w, c = read_bundle(bundle).image_shape
+    labels = np.array([3, 1], dtype=np.int64)
+    images = sess.run(None, {"uniforms": uniforms(5, 0, 2, (h, w, c)), "prefix": np.zeros((2, h, w, c), np.uint8),
+                             "start_row": np.array([0]), "labels": labels})[0]
+    np.testing.assert_array_equal(images, load(bundle, backend="onnx").sample(2, seed=5, labels=labels))
+
+
+def test_the_graph_decoder_is_refused_where_it_cannot_run(family_bundles) -> None:
+    with pytest.raises(InputError, match=r"decoder .graph. runs sample\.onnx on the onnx backend"):
+        load(family_bundles["pixelcnn"], backend="torchscript").sample(1, decoder="graph")
+
+
+def test_gen_sample_with_the_graph_decoder(family_bundles, tmp_path: Path) -> None:
+    bundle = family_bundles["row-lstm"]
+    for decoder in ("graph", "cached"):
+        r = CliRunner().invoke(sample_command, [str(bundle), "-n", "3", "--seed", "4", "--decoder", decoder,
+                                                "--out", str(tmp_path / f"{decoder}.npz")])
+        assert r.exit_code == 0, r.output
+    a = np.load(tmp_path / "graph.npz")["images"]
+    np.testing.assert_array_equal(a, np.load(tmp_path / "cached.npz")["images"])
+
+
+def test_export_fails_when_the_sampling_graph_disagrees(family_bundles, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export-time check compares images: a graph whose row flag is inverted must not be published."""
+    real = exporter.build_sample_graph
+
+    def broken(*args, **kwargs) -> onnx.ModelProto:
+        proto = real(*args, **kwargs)
+        row_loop = next(n for n in proto.graph.node if n.op_type == "Loop")
+        body = row_loop.attribute[0].g
+        next(n for n in body.node if n.op_type == "Greater").op_type = "Less"  # has_prev: i > 0 -> i < 0
+        return proto
+
+    monkeypatch.setattr(exporter, "build_sample_graph", broken)
+    run = Path(json.loads((family_bundles["pixelcnn"] / "manifest.json").read_text())["source"]["run_dir"])
+    with pytest.raises(ExportError, match=r"sample\.onnx differs from cached decoding"):
+        export_run(run, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
