@@ -124,7 +124,8 @@ def train_command(**o: object) -> None:
 @click.option("--format", "formats", type=click.Choice(["onnx", "torchscript", "all"]), multiple=True,
               default=("onnx",), show_default=True, help="Graph format(s) to export; repeatable, or 'all'.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
-@click.option("--opset", type=click.IntRange(13, 23), default=17, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=click.IntRange(13, 23), default=18, show_default=True,
+              help="ONNX opset; from 18 on the supported (dynamo) exporter, below it the TorchScript-based one.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest |eager - exported| / (1 + |eager| / 50) allowed on fresh random inputs.")
 @click.option("--ema", is_flag=True, help="Export the moving-average weights (a run trained with --ema).")

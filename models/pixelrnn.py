@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError
-from .incremental import CachedConv, IncrementalModel, pointwise, pointwise_row
+from .incremental import CachedConv, IncrementalModel, pointwise, pointwise_row, write_column
 from .layers import MaskedConv2d, check_group_multiple
 
 
@@ -214,7 +214,7 @@ class _IncrementalPixelRNN(IncrementalModel):
     @staticmethod
     def put(buf: torch.Tensor, j: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Column j of a (B, F, W) row buffer, in place."""
-        return buf.index_copy_(2, j, value[:, :, None])
+        return write_column(buf, j, value)
 
     @staticmethod
     def get(buf: torch.Tensor, j: torch.Tensor) -> torch.Tensor:

@@ -279,3 +279,34 @@ def test_export_fails_when_the_sampling_graph_disagrees(family_bundles, tmp_path
     with pytest.raises(ExportError, match=r"sample\.onnx differs from cached decoding"):
         export_run(run, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+# ---- the exporter -------------------------------------------------------------------------------------------
+
+def test_onnx_graphs_come_from_the_supported_exporter(family_bundles) -> None:
+    for name, bundle in family_bundles.items():
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        assert manifest["opset"] >= exporter.DYNAMO_MIN_OPSET
+        for key, entry in manifest["graphs"].items():
+            if entry["format"] == "onnx" and entry["role"] != "sample":  # sample.onnx is composed, not exported
+                assert entry["exporter"] == "dynamo" and "exporter_fallback" not in entry, (name, key)
+
+
+def test_a_graph_the_dynamo_exporter_fails_on_falls_back_and_says_why(family_bundles, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    real = exporter._onnx_proto
+
+    def failing_step(g, example, opset, how):
+        if how == "dynamo" and g.name == "step":
+            raise RuntimeError("no decomposition for aten::imaginary_op\nsecond line")
+        return real(g, example, opset, how)
+
+    monkeypatch.setattr(exporter, "_onnx_proto", failing_step)
+    run = Path(json.loads((family_bundles["pixelcnn"] / "manifest.json").read_text())["source"]["run_dir"])
+    graphs = json.loads((export_run(run, tmp_path / "b") / "manifest.json").read_text())["graphs"]
+    assert graphs["forward.onnx"]["exporter"] == graphs["row.onnx"]["exporter"] == "dynamo"
+    assert graphs["step.onnx"]["exporter"] == "torchscript-based"
+    assert graphs["step.onnx"]["exporter_fallback"] == (
+        "dynamo: RuntimeError: no decomposition for aten::imaginary_op")
+    same = load(family_bundles["pixelcnn"]).sample(2, seed=1)
+    np.testing.assert_array_equal(load(tmp_path / "b").sample(2, seed=1), same)

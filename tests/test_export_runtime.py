@@ -62,7 +62,7 @@ def test_manifest_records_what_it_promises(runs) -> None:
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["format"] == "genforge-bundle" and m["version"] == BUNDLE_VERSION and m["family"] == "autoregressive"
     assert m["image"] == {"channels": 1, "height": 8, "width": 8} and m["levels"] == 4 and m["num_classes"] == 10
-    assert m["likelihood"] == "categorical" and m["opset"] == 17 and m["versions"]["torch"] == torch.__version__
+    assert m["likelihood"] == "categorical" and m["opset"] == 18 and m["versions"]["torch"] == torch.__version__
     assert set(m["graphs"]) == {f"{g}.{f}" for g in ("forward", "step", "row") for f in ("onnx", "torchscript")} | {
         "sample.onnx"}
     assert m["decoders"] == ["naive", "cached", "graph"]

@@ -557,5 +557,26 @@ def test_the_manifest_lists_exactly_what_each_onnx_file_takes_and_returns(family
                 assert len(d["shape"]) == len(r["shape"]), (key, d, r)
                 for dd, rd in zip(d["shape"], r["shape"], strict=True):
                     assert (dd == "batch" and isinstance(rd, str)) or dd == rd, (key, d, r)
-    if name in ("gated-pixelcnn", "row-lstm"):  # the case that broke clients: the ONNX row takes fewer inputs
-        assert len(manifest["graphs"]["row.onnx"]["inputs"]) < len(manifest["graphs"]["row.torchscript"]["inputs"])
+
+
+
+def test_a_row_graph_that_drops_caches_is_declared_as_it_is(family_bundles, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The case that broke clients: the TorchScript-based ONNX exporter drops the caches the gated row never
+    reads. Forced onto that exporter, the manifest lists exactly the file's inputs, and the state says which
+    caches the row writes without reading."""
+    import genforge.export.exporter as exporter
+
+    monkeypatch.setattr(exporter, "onnx_exporters", lambda opset: ("torchscript-based",))
+    run = json.loads((family_bundles["gated-pixelcnn"] / "manifest.json").read_text())["source"]["run_dir"]
+    m = json.loads((export_run(run, tmp_path / "b", formats=("onnx", "torchscript")) / "manifest.json").read_text())
+    row, row_ts = m["graphs"]["row.onnx"], m["graphs"]["row.torchscript"]
+    assert row["exporter"] == "torchscript-based" and len(row["inputs"]) < len(row_ts["inputs"])
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "b" / "row.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == [i["name"] for i in row["inputs"]]
+    unread = {s["cache"] for s in row["state"] if s["input"] is None}
+    assert unread and all(f"cache_{c}" not in [i.name for i in sess.get_inputs()] for c in unread)
+    np.testing.assert_array_equal(load(tmp_path / "b").sample(2, seed=3, labels=[1, 2]),
+                                  load(family_bundles["gated-pixelcnn"]).sample(2, seed=3, labels=[1, 2]))
