@@ -264,14 +264,16 @@ def test_gen_sample_with_the_graph_decoder(family_bundles, tmp_path: Path) -> No
 
 def test_export_fails_when_the_sampling_graph_disagrees(family_bundles, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The export-time check compares images: a graph whose row flag is inverted must not be published."""
+    """The export-time check compares images: a graph whose sampling rule is off by one bin must not be
+    published (an exclusive CumSum moves every level whose bin is not the first)."""
     real = exporter.build_sample_graph
 
     def broken(*args, **kwargs) -> onnx.ModelProto:
         proto = real(*args, **kwargs)
-        row_loop = next(n for n in proto.graph.node if n.op_type == "Loop")
-        body = row_loop.attribute[0].g
-        next(n for n in body.node if n.op_type == "Greater").op_type = "Less"  # has_prev: i > 0 -> i < 0
+        row_body = next(n for n in proto.graph.node if n.op_type == "Loop").attribute[0].g
+        step_body = next(n for n in row_body.node if n.op_type == "Loop").attribute[0].g
+        next(n for n in step_body.node if n.op_type == "CumSum").attribute.append(
+            onnx.helper.make_attribute("exclusive", 1))
         return proto
 
     monkeypatch.setattr(exporter, "build_sample_graph", broken)
