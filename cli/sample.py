@@ -20,11 +20,12 @@ from .common import BACKEND_CHOICES, one_line_errors
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="auto: triton on CUDA when it imports, else onnx (torch-free), else torchscript.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--decoder", type=click.Choice(["auto", "cached", "naive", "graph"]), default="auto",
+@click.option("--decoder", type=click.Choice(["auto", "cached", "naive", "graph", "parallel"]), default="auto",
               show_default=True,
-              help="cached: the incremental form, about one forward pass per image (auto picks it when the bundle "
-              "has it); naive: one full forward pass per sub-pixel; graph: the bundle's sample.onnx (onnx "
-              "backend). Same seed, same images.")
+              help="cached: the incremental form, about one forward pass per image; naive: one full forward pass "
+              "per sub-pixel; graph: the bundle's sample.onnx (onnx backend); parallel: the forward pass iterated "
+              "to its fixed point. auto: parallel for small batches on the CPU, else cached. Same seed, same "
+              "images.")
 @click.option("--complete", "complete_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Image completion: a .npz whose 'images' (N, H, W, C) uint8 levels are kept for --rows rows; "
               "the rest is sampled (N replaces -n).")
@@ -92,7 +93,15 @@ def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str
         if images is None:  # a rank other than 0 under torchrun: rank 0 writes the gathered result
             return
     save_images(out, images, levels=sampler.levels, overwrite=overwrite, nrow=nrow)
-    click.echo(f"wrote {len(images)} images ({sampler.backend.name}, {sampler.backend.device}) to {out}")
+    how = ""
+    if isinstance(sampler, AutoregressiveSampler) and sampler.last_stats:
+        st = sampler.last_stats
+        how = f", {st['decoder']} decoding"
+        if st["iterations"]:
+            h, w, c = sampler.image_shape
+            how += (f": {max(st['iterations'])} iterations at most per batch of {h * w * c} sub-pixels, "
+                    f"{st['forward_passes'] / max(len(images), 1):.1f} forward passes per image")
+    click.echo(f"wrote {len(images)} images ({sampler.backend.name}, {sampler.backend.device}{how}) to {out}")
 
 
 def _interpolation_images(source: str, data_path: str | None, count: int, levels: int) -> object:

@@ -9,7 +9,7 @@ import numpy as np
 
 from .backends import Backend
 from .bundle import Bundle
-from .decoding import cached_decode, naive_decode
+from .decoding import cached_decode, naive_decode, parallel_decode
 from .errors import InputError
 from .latent import levels_from_log_probs, levels_from_mean
 from .progress import Progress, chunks
@@ -90,7 +90,19 @@ class Sampler:
         return images
 
 
-DECODERS = ("cached", "naive", "graph")
+DECODERS = ("cached", "naive", "graph", "parallel")
+
+
+# decoder="auto": parallel decoding up to this batch size on the CPU, cached beyond (benchmarks/decoding.py,
+# README "Decoding speed"): parallel costs iterations x one forward pass of the batch, cached ~100 tiny
+# operations per sub-pixel whatever the batch, so parallel wins where the batch is too small to fill them.
+PARALLEL_MAX_BATCH = 4
+
+
+def auto_decoder(available: list[str], batch: int, backend: str, device: str) -> str:
+    if "parallel" in available and batch <= PARALLEL_MAX_BATCH and device == "cpu" and backend != "triton":
+        return "parallel"
+    return "cached" if "cached" in available else "naive"
 
 
 class AutoregressiveSampler(Sampler):
@@ -99,12 +111,19 @@ class AutoregressiveSampler(Sampler):
     ``decoder="cached"`` (the default where the bundle has the step graphs) runs the incremental form:
     about one forward pass per image. ``"naive"`` runs the full forward graph once per sub-pixel.
     ``"graph"`` runs the bundle's ``sample.onnx`` (the cached loop inside one ONNX graph; onnx backend).
-    With the same seed all give the same images.
+    ``"parallel"`` iterates the forward graph to its fixed point (decoding.parallel_decode); ``last_stats``
+    then says how many iterations each batch took. With the same seed all give the same images; ``"auto"``
+    picks by batch size and device (``auto_decoder``).
     """
+
+    last_stats: dict = {}  # noqa: RUF012 - replaced per call: what the last sample()/complete() did
 
     @property
     def decoders(self) -> list[str]:
-        return list(self.bundle.manifest.get("decoders", ["naive"]))
+        """What this bundle can decode with: the manifest's, and parallel wherever naive works (it needs the
+        forward graph alone)."""
+        have = list(self.bundle.manifest.get("decoders", ["naive"]))
+        return [*have, "parallel"] if "naive" in have else have
 
     def _decode(
         self, u: np.ndarray, labels: np.ndarray | None, decoder: str, bar: Progress,
@@ -124,12 +143,19 @@ class AutoregressiveSampler(Sampler):
         if decoder == "cached":
             return cached_decode(self.backend.stepper(), u, labels=labels, levels=self.levels, prefix=prefix,
                                  start_row=start_row, progress=bar)
+        if decoder == "parallel":
+            stats: dict = {}
+            out = parallel_decode(self.forward, u, labels=labels, levels=self.levels, prefix=prefix,
+                                  start_row=start_row, progress=bar, stats=stats)
+            self.last_stats["iterations"].append(stats["iterations"])
+            self.last_stats["forward_passes"] += stats["forward_passes_per_image"] * len(u)
+            return out
         return naive_decode(self.forward, u, labels=labels, levels=self.levels, prefix=prefix,
                             start_row=start_row, progress=bar)
 
-    def _check_decoder(self, decoder: str) -> str:
+    def _check_decoder(self, decoder: str, batch: int = 1) -> str:
         if decoder == "auto":
-            return "cached" if "cached" in self.decoders else "naive"
+            return auto_decoder(self.decoders, batch, self.backend.name, self.backend.device)
         if decoder not in DECODERS:
             raise InputError(f"unknown decoder {decoder!r}; choose one of auto, {', '.join(DECODERS)}")
         if decoder not in self.decoders:
@@ -182,7 +208,8 @@ class AutoregressiveSampler(Sampler):
         labels: np.ndarray | list[int] | None, start: int, decoder: str, progress: bool,
     ) -> np.ndarray:
         n = self.check_request(n, seed, batch_size, start)
-        decoder = self._check_decoder(decoder)
+        decoder = self._check_decoder(decoder, min(n, batch_size))
+        self.last_stats = {"decoder": decoder, "iterations": [], "forward_passes": 0.0}
         h, w, c = self.image_shape
         lab = self.resolve_labels(n, labels, start)
         out = np.zeros((n, h, w, c), dtype=np.uint8)

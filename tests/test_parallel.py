@@ -1,0 +1,91 @@
+"""Parallel (fixed-point) decoding: the same images as naive and cached decoding, on every autoregressive
+family, both exported backends, labels, colour and completion; a property test on random causal models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import AUTOREGRESSIVE
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from genforge.runtime import load
+from genforge.runtime.decoding import naive_decode, parallel_decode
+from genforge.runtime.sampler import PARALLEL_MAX_BATCH, auto_decoder
+
+
+@pytest.mark.parametrize("name", AUTOREGRESSIVE)
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_parallel_decoding_draws_the_cached_images(family_bundles, name: str, backend: str, fresh_seed: int) -> None:
+    s = load(family_bundles[name], backend=backend, device="cpu")
+    want = s.sample(5, seed=fresh_seed, decoder="cached", batch_size=3)
+    got = s.sample(5, seed=fresh_seed, decoder="parallel", batch_size=3)
+    np.testing.assert_array_equal(got, want)
+    h, w, c = s.image_shape
+    assert s.last_stats["decoder"] == "parallel" and len(s.last_stats["iterations"]) == 2  # two batches
+    assert all(1 <= it <= h * w * c + 1 for it in s.last_stats["iterations"])
+    rows = h // 2
+    np.testing.assert_array_equal(s.complete(want[::-1], rows, seed=fresh_seed + 1, decoder="parallel"),
+                                  s.complete(want[::-1], rows, seed=fresh_seed + 1, decoder="cached"))
+
+
+def test_parallel_equals_naive_on_the_same_forward(family_bundles, fresh_seed: int) -> None:
+    s = load(family_bundles["pixelcnn-rgb"], backend="onnx", device="cpu")
+    u = np.random.default_rng(fresh_seed).random((3, *s.image_shape))
+    stats: dict = {}
+    got = parallel_decode(s.forward, u, levels=s.levels, stats=stats)
+    np.testing.assert_array_equal(got, naive_decode(s.forward, u, levels=s.levels))
+    assert stats["iterations"] >= 1 and 1 <= stats["forward_passes_per_image"] <= stats["iterations"]
+
+
+def _causal_forward(h: int, w: int, c: int, k: int, seed: int, strength: float):
+    """A random model whose logits at raster position p are a linear function of the levels before p."""
+    n = h * w * c
+    rng = np.random.default_rng(seed)
+    weights = np.tril(rng.normal(0, strength, (n, n, k)).transpose(2, 0, 1), k=-1).transpose(1, 2, 0)  # (n, n, k)
+    bias = rng.normal(0, 1, (n, k))
+
+    def forward(x: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        flat = x.transpose(0, 2, 3, 1).reshape(len(x), n)  # raster order (i, j, c)
+        logits = np.einsum("bq,pqk->bpk", flat, weights) + bias
+        lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+            -1, keepdims=True)
+        return lp.reshape(len(x), h, w, c, k).transpose(0, 3, 1, 2, 4).astype(np.float32)
+
+    return forward
+
+
+@settings(max_examples=30, deadline=None)
+@given(h=st.integers(1, 4), w=st.integers(1, 4), c=st.sampled_from([1, 3]), k=st.integers(2, 5),
+       batch=st.integers(1, 4), seed=st.integers(0, 2**31), strength=st.sampled_from([0.1, 1.0, 5.0]),
+       start_row=st.integers(0, 4))
+def test_parallel_decoding_reaches_the_naive_fixed_point(h, w, c, k, batch, seed, strength, start_row) -> None:
+    start_row = min(start_row, h)
+    forward = _causal_forward(h, w, c, k, seed, strength)
+    rng = np.random.default_rng(seed + 1)
+    u = rng.random((batch, h, w, c))
+    prefix = rng.integers(0, k, (batch, h, w, c)).astype(np.uint8)
+    stats: dict = {}
+    got = parallel_decode(forward, u, levels=k, prefix=prefix, start_row=start_row, stats=stats)
+    np.testing.assert_array_equal(got, naive_decode(forward, u, levels=k, prefix=prefix, start_row=start_row))
+    assert stats["iterations"] <= (h - start_row) * w * c + 1
+
+
+def test_a_forward_that_is_not_causal_is_caught() -> None:
+    def anti_causal(x: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        # Each sub-pixel copies the opposite of the next one: the iteration never settles.
+        nxt = np.roll(x, -1, axis=3)
+        logits = np.stack([nxt * 10, (1 - nxt) * 10], axis=-1)
+        return (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32)
+
+    with pytest.raises(RuntimeError, match="not causal"):
+        parallel_decode(anti_causal, np.full((1, 2, 4, 1), 0.5), levels=2)
+
+
+def test_auto_picks_parallel_for_small_cpu_batches_only() -> None:
+    have = ["naive", "cached", "graph", "parallel"]
+    assert auto_decoder(have, 1, "onnx", "cpu") == "parallel"
+    assert auto_decoder(have, PARALLEL_MAX_BATCH, "torchscript", "cpu") == "parallel"
+    assert auto_decoder(have, PARALLEL_MAX_BATCH + 1, "onnx", "cpu") == "cached"
+    assert auto_decoder(have, 1, "onnx", "cuda") == "cached"
+    assert auto_decoder(["naive", "parallel"], 64, "onnx", "cpu") == "naive"
