@@ -93,14 +93,17 @@ class Sampler:
 DECODERS = ("cached", "naive", "graph", "parallel")
 
 
-# decoder="auto": parallel decoding up to this batch size on the CPU, cached beyond (benchmarks/decoding.py,
-# README "Decoding speed"): parallel costs iterations x one forward pass of the batch, cached ~100 tiny
-# operations per sub-pixel whatever the batch, so parallel wins where the batch is too small to fill them.
-PARALLEL_MAX_BATCH = 4
+# decoder="auto": parallel decoding up to this batch size on the ONNX CPU backend, cached otherwise. Parallel
+# costs (iterations x one forward pass of the batch), cached ~100 tiny operations per sub-pixel whatever the
+# batch. Measured on a trained binarized-MNIST PixelCNN (benchmarks/decoding.py, README "Performance"): ONNX
+# parallel 2.3x faster than cached at batch 1 (49 passes) and 1.26x slower at batch 4 (55 passes, the slowest
+# image sets the count); TorchScript's forward pass is ~4x slower than onnxruntime's here, so its parallel
+# decoding loses already at batch 1. On the GPU the fused Triton decoders are the default.
+PARALLEL_MAX_BATCH = 1
 
 
 def auto_decoder(available: list[str], batch: int, backend: str, device: str) -> str:
-    if "parallel" in available and batch <= PARALLEL_MAX_BATCH and device == "cpu" and backend != "triton":
+    if "parallel" in available and batch <= PARALLEL_MAX_BATCH and device == "cpu" and backend == "onnx":
         return "parallel"
     return "cached" if "cached" in available else "naive"
 
