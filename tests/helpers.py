@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,3 +47,12 @@ def causality_violations(dep: torch.Tensor) -> list[tuple[int, int]]:
     """Pairs (s, t) with t >= s where output s depends on input t."""
     upper = torch.triu(torch.ones_like(dep), diagonal=0)
     return [tuple(p) for p in (dep & upper).nonzero().tolist()]
+
+
+def edited_bundle(bundle: Path, dest: Path, edit: Callable[[dict], object]) -> Path:
+    """A copy of ``bundle`` at ``dest`` whose manifest ``edit`` changed in place (the files stay as they are)."""
+    shutil.copytree(bundle, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    edit(manifest)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest

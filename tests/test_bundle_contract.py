@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import AUTOREGRESSIVE, FAMILY_MODELS
+from helpers import edited_bundle
 
 import genforge.export.exporter as exporter
 from genforge.cli.main import sample_command
@@ -119,28 +120,15 @@ def test_the_schema_is_a_valid_json_schema_and_every_exported_manifest_follows_i
     (lambda m: m["image"].update(channels=2), "image/channels"),
 ])
 def test_a_manifest_off_the_schema_is_refused(family_bundles, tmp_path: Path, edit, message: str) -> None:
-    bundle = family_bundles["pixelcnn"]
-    copy = tmp_path / "b"
-    copy.mkdir()
-    for f in bundle.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
-    manifest = json.loads((copy / "manifest.json").read_text())
-    edit(manifest)
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    copy = edited_bundle(family_bundles["pixelcnn"], tmp_path / "b", edit)
     with pytest.raises(BundleError, match=f"does not follow the bundle schema at .*{message}|{message}") as e:
         read_bundle(copy)
     assert "\n" not in str(e.value)
 
 
 def test_a_bundle_of_another_randomness_scheme_is_refused(family_bundles, tmp_path: Path) -> None:
-    bundle = family_bundles["pixelcnn"]
-    copy = tmp_path / "b"
-    copy.mkdir()
-    for f in bundle.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["randomness"] = {"name": "philox4x32-10", "version": 2}
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    copy = edited_bundle(family_bundles["pixelcnn"], tmp_path / "b",
+                         lambda m: m.update(randomness={"name": "philox4x32-10", "version": 2}))
     with pytest.raises(BundleError, match="randomness scheme"):
         read_bundle(copy)
 

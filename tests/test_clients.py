@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import AUTOREGRESSIVE
+from helpers import edited_bundle
 
 from genforge.runtime import load
 
@@ -107,10 +108,7 @@ def test_cpp_samples_what_the_runtime_samples(cpp_client: Path, family_bundles, 
 
 def test_clients_refuse_a_bundle_they_cannot_read(node: str, cpp_client: Path, family_bundles, tmp_path: Path) -> None:
     """A newer format version is refused with one line and a non-zero exit, not sampled wrongly."""
-    copy = tmp_path / "b"
-    shutil.copytree(family_bundles["pixelcnn"], copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    copy = edited_bundle(family_bundles["pixelcnn"], tmp_path / "b", lambda m: m.update(version=99))
     for cmd in ([node, str(NODE_DIR / "sample.mjs"), str(copy)], [str(cpp_client), str(copy)]):
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 1 and "version 99" in r.stderr and r.stderr.count("\n") == 1, (cmd, r.stderr)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import FAMILY_MODELS
+from helpers import edited_bundle
 
 from genforge.cli.main import eval_command, export_command, sample_command, train_command
 from genforge.export import ExportError, export_run
@@ -230,16 +231,6 @@ def test_set_values_are_parsed_against_the_field_type(tmp_path: Path, value: str
     assert not (tmp_path / "r" / "config.json").exists()
 
 
-def _edit_manifest(bundle: Path, dest: Path, edit) -> Path:
-    import shutil
-
-    shutil.copytree(bundle, dest)
-    m = json.loads((dest / "manifest.json").read_text())
-    edit(m)
-    (dest / "manifest.json").write_text(json.dumps(m))
-    return dest
-
-
 @pytest.mark.parametrize("field, edit", [
     ("levels", lambda m: m.update(levels=7)),
     ("family", lambda m: m.update(family="diffusion")),
@@ -249,7 +240,7 @@ def _edit_manifest(bundle: Path, dest: Path, edit) -> Path:
 ])
 def test_a_manifest_that_contradicts_its_graphs_is_refused(run_and_bundle, tmp_path: Path, field: str, edit) -> None:
     _, bundle = run_and_bundle
-    edited = _edit_manifest(bundle, tmp_path / "edited", edit)
+    edited = edited_bundle(bundle, tmp_path / "edited", edit)
     res = CliRunner().invoke(sample_command, [str(edited), "-n", "2", "--quiet", "-o", str(tmp_path / "s.npz")])
     assert res.exit_code == 1 and "Traceback" not in res.output and field in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
@@ -268,7 +259,7 @@ def test_the_onnx_file_must_match_what_the_manifest_declares(run_and_bundle, tmp
                     spec["shape"][2] = 16
                 if spec["name"] in ("uniforms", "prefix", "images"):  # sample.onnx: (batch, H, W, C)
                     spec["shape"][1] = 16
-    edited = _edit_manifest(bundle, tmp_path / "edited", edit)
+    edited = edited_bundle(bundle, tmp_path / "edited", edit)
     with pytest.raises(BundleError, match="in the graph but"):
         load(edited, backend="onnx").sample(1, decoder="naive")
 
@@ -452,7 +443,7 @@ def test_a_version_1_bundle_still_loads_and_gen_eval_asks_for_its_data(run_and_b
         m["source"] = {k: v for k, v in m["source"].items() if k in ("run_dir", "ema")}
         for p in m["parity"].values():
             p.pop("max_scaled_diff", None)
-    old = _edit_manifest(bundle, tmp_path / "v1", to_v1)
+    old = edited_bundle(bundle, tmp_path / "v1", to_v1)
     assert load(old).sample(2, seed=3).tolist() == load(bundle).sample(2, seed=3).tolist()
     with pytest.raises(UsageError, match="does not record the data it was trained on"):
         evaluate_path(old)
