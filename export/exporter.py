@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from genforge.models.graphs import GraphDef
+from genforge.models.incremental import OnnxOps
 from genforge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FORMATS, MANIFEST, read_bundle, sha256_file
 from genforge.runtime.files import atomic_write_json, exclusive_lock, make_public_dir
 from genforge.runtime.randomness import SCHEME
@@ -71,7 +72,7 @@ def _onnx_proto(g: GraphDef, example: tuple[torch.Tensor, ...], opset: int, expo
     names_in = [i["name"] for i in g.inputs]
     names_out = [o["name"] for o in g.outputs]
     batch = [spec["shape"] and spec["shape"][0] == "batch" for spec in g.inputs]
-    with _quiet_export(), contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx"):
+    with _quiet_export(), contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx"), OnnxOps(exporter):
         if exporter == "dynamo":
             dim = torch.export.Dim("batch", min=1)
             program = torch.onnx.export(
@@ -364,17 +365,20 @@ def _export_locked(
         for g in defs:
             example = g.make_inputs(2, torch.Generator().manual_seed(0))
             for fmt in formats:
+                if fmt not in g.formats:
+                    continue
                 fname = f"{g.name}.{'onnx' if fmt == 'onnx' else 'pt'}"
                 path = tmp / fname
                 inputs, how, check = _export_verified(g, fmt, path, example, opset, tolerance)
                 key = f"{g.name}.{fmt}"
                 taken_names = {i["name"] for i in inputs}
+                given = {o["name"] for o in g.outputs}
                 graphs[key] = {
                     "format": fmt, "file": fname, "role": g.name, "inputs": inputs, "outputs": g.outputs,
                     "state": [{"cache": n, "input": f"cache_{n}" if f"cache_{n}" in taken_names else None,
-                               "output": f"new_{n}"} for n in g.state],
+                               "output": f"new_{n}" if f"new_{n}" in given else None} for n in g.state],
                     "mutates_inputs": mutated_inputs(path, g) if fmt == "torchscript" else [],
-                    **how,
+                    **how, **g.extra,
                 }
                 parity[key] = check
         by_name = {g.name: g for g in defs}

@@ -32,6 +32,8 @@ class GraphDef:
     # Cached decoding: the caches this graph carries, by name; input ``cache_NAME`` of one call is output
     # ``new_NAME`` of the call before (docs/bundle.md, "Cached decoding").
     state: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # more fields for the graph's manifest entry
+    formats: tuple[str, ...] = ("onnx", "torchscript")  # the export formats it is written in
 
 
 class MethodGraph(nn.Module):
@@ -64,6 +66,60 @@ class CachedGraph(nn.Module):
             log_probs, new = self.inc.step(x_row, where, caches, labels)
             return (log_probs, *new)
         return tuple(self.inc.row(x_row, where, caches, labels))
+
+
+class UpdatesGraph(nn.Module):
+    """The incremental form's ``step`` returning only what it writes: (x_row, j, *caches [, labels]) ->
+    (log_probs, then per cache each write in order: its values (B, F) for one column or (B, F, L) for a span,
+    and for a column its position (1,)). A runtime applies them to its own buffers in place (the caches'
+    positions are flat offsets into their last axis), so a step's I/O no longer grows with the caches."""
+
+    def __init__(self, inc: IncrementalModel, conditional: bool) -> None:
+        super().__init__()
+        self.inc = inc
+        self.conditional = conditional
+
+    def writes(self, x_row: torch.Tensor, j: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, list]:
+        from .incremental import WriteLog
+
+        caches, labels = (list(rest[:-1]), rest[-1]) if self.conditional else (list(rest), None)
+        with WriteLog() as log:
+            log_probs, new = self.inc.step(x_row, j, caches, labels)
+        if any(n is not c for n, c in zip(new, caches, strict=True)):
+            raise TypeError("this cached form changes a cache other than through write_column/write_row")
+        return log_probs, [log.of(c) for c in caches]
+
+    def forward(self, x_row: torch.Tensor, j: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        log_probs, writes = self.writes(x_row, j, *rest)
+        outs = [log_probs]
+        for entries in writes:
+            for kind, where, value in entries:
+                outs += [value, where] if kind == "column" else [value]
+        return tuple(outs)
+
+
+def updates_graph(model: Any, step: GraphDef) -> tuple[GraphDef, list[dict[str, Any]]]:
+    """The ``step_updates`` graph beside ``step`` and its write layout (the manifest's ``updates``), found by
+    running the step once: which caches it writes, how (a column at a position the graph returns, or a span
+    at a fixed offset) and in which order."""
+    c = model.config
+    graph = UpdatesGraph(model.cached_form(), bool(c.num_classes)).eval()
+    with torch.no_grad():
+        _, writes = graph.writes(*step.make_inputs(2, torch.Generator().manual_seed(0)))
+    outputs = [step.outputs[0]]
+    layout: list[dict[str, Any]] = []
+    for name, entries in zip(step.state, writes, strict=True):
+        for k, (kind, where, value) in enumerate(entries):
+            value_name = f"upd_{name}_{k}"
+            outputs.append({"name": value_name, "shape": ["batch", *value.shape[1:]], "dtype": "float32"})
+            entry = {"cache": name, "kind": kind, "value": value_name, "index": None, "offset": None}
+            if kind == "column":
+                outputs.append({"name": f"at_{name}_{k}", "shape": [1], "dtype": "int64"})
+                entry["index"] = f"at_{name}_{k}"
+            else:
+                entry["offset"] = int(where)
+            layout.append(entry)
+    return GraphDef("step_updates", graph, step.inputs, outputs, step.make_inputs, step.state), layout
 
 
 def label_inputs(c: Any) -> list[dict[str, Any]]:
@@ -108,7 +164,7 @@ def cached_graphs(model: Any) -> list[GraphDef]:
         return (x, torch.ones(1), *random_caches(batch, g), *random_labels(c, batch, g))
 
     lp = {"name": "log_probs", "shape": ["batch", c.channels, c.levels], "dtype": "float32"}
-    return [
+    graphs = [
         GraphDef(
             "step", CachedGraph(inc, "step", bool(c.num_classes)),
             [{"name": "x_row", **row_x}, {"name": "j", "shape": [1], "dtype": "int64"}, *cache_in, *label_in],
@@ -121,6 +177,11 @@ def cached_graphs(model: Any) -> list[GraphDef]:
             cache_out, make_row, [n for n, _ in specs],
         ),
     ]
+    # The ONNX runtime's step (TorchScript's step already writes its caches in place).
+    updates, layout = updates_graph(model, graphs[0])
+    updates.extra = {"updates": layout}
+    updates.formats = ("onnx",)
+    return [*graphs, updates]
 
 
 def autoregressive_graphs(model: Any) -> list[GraphDef]:

@@ -28,6 +28,8 @@ export to every backend and keep the graphs free of data-dependent shapes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,7 +71,11 @@ class CachedConv(nn.Module):
 
     def write_row(self, buf: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         """Replace the current row with ``row`` (B, I, W)."""
-        return torch.cat([buf[:, :, : -self.stride], F.pad(row, (self.pad, self.pad))], dim=2)
+        padded = F.pad(row, (self.pad, self.pad))
+        if WriteLog.active is not None:
+            WriteLog.active.record(buf, "span", (self.rows - 1) * self.stride, padded)
+            return buf
+        return torch.cat([buf[:, :, : -self.stride], padded], dim=2)
 
     def indices(self, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(write index, window indices) for column j; layers of one geometry share them within a step."""
@@ -79,10 +85,37 @@ class CachedConv(nn.Module):
         return write_column(buf, index, value)
 
     def at_window(self, buf: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
-        window = buf.index_select(2, window_index).flatten(1)  # (B, I * rows * kw)
+        log = WriteLog.active
+        entries = log.of(buf) if log is not None else []
+        column = entries[-1] if entries and entries[-1][0] == "column" else None
+        # A column written in this step (the usual case: write_at, then the window around it) is folded in
+        # after the product rather than patched into the (B, I, n) window: out += (new - old) @ W[:, :, hit],
+        # with ``hit`` the window position it falls on (none: a zero correction). A batch-sized elementwise
+        # patch cost as much as the copy it replaces.
+        earlier = entries[:-1] if column is not None else entries
+        if earlier or not OnnxOps.active:
+            window = read_columns(buf, window_index, earlier).flatten(1)  # (B, I * rows * kw)
+        else:
+            # In ONNX a Slice of the (B, I, rows, stride) view: onnxruntime's Gather along the last axis took
+            # 2.7x as long for the same window (measured at batch 256), and windows dominate a step there.
+            grid = buf.reshape(buf.shape[0], buf.shape[1], self.rows, self.stride)
+            start: torch.Tensor | int = window_index[0]
+            if OnnxOps.exporter == "dynamo":  # torch.export wants a bounded integer, the old tracer a tensor
+                start = int(start.item())
+                torch._check(start >= 0)
+                torch._check(start + self.kw <= self.stride)
+            window = torch.narrow(grid, 3, start, self.kw).flatten(1)
         # Transposed weights fold into constants when the graph is frozen: one addmm per call.
-        w_t = self.weight().flatten(1).t()
-        return window @ w_t if self.conv.bias is None else torch.addmm(self.conv.bias, window, w_t)
+        w = self.weight()
+        w_t = w.flatten(1).t()
+        out = window @ w_t if self.conv.bias is None else torch.addmm(self.conv.bias, window, w_t)
+        if column is not None:
+            _, where, value = column
+            hit = (window_index == where).to(w.dtype)  # (n,): one or no 1
+            w_hit = (w.flatten(2) * hit).sum(2)  # (O, I)
+            old = read_columns(buf, where, earlier)[:, :, 0]  # (B, I)
+            out = out + (value - old) @ w_hit.t()
+        return out
 
     def write_col(self, buf: torch.Tensor, j: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Set column j of the current row to ``value`` (B, I), in place.
@@ -102,6 +135,69 @@ class CachedConv(nn.Module):
         return F.conv2d(grid, self.weight(), self.conv.bias)[:, :, 0]
 
 
+class OnnxOps:
+    """Set while a graph is exported to ONNX (export/exporter.py): the cached forms then pick the operations
+    onnxruntime runs fastest. An explicit switch, because ``torch.onnx.is_in_onnx_export()`` was seen to read
+    False inside the dynamo exporter's trace once the same functions had run eagerly before it."""
+
+    active = False
+    exporter = ""  # "dynamo" or "torchscript-based": they take a dynamic slice start in different forms
+
+    def __init__(self, exporter: str) -> None:
+        self.exporter = exporter
+
+    def __enter__(self) -> None:
+        OnnxOps.active, OnnxOps.exporter = True, self.exporter
+
+    def __exit__(self, *exc: object) -> None:
+        OnnxOps.active, OnnxOps.exporter = False, ""
+
+
+class WriteLog:
+    """Cache writes recorded instead of performed, for the ``step_updates`` graph (models/graphs.py): a step
+    whose outputs are only what it writes, so that a runtime applies them to its own buffers in place rather
+    than copying every cache in and out of the graph on every step. While a log is active, ``write_column`` and
+    ``CachedConv.write_row`` record (and return the buffer unchanged) and ``read_columns`` patches what it
+    gathers with the recorded writes, so the step computes exactly what it computes with real writes."""
+
+    active: WriteLog | None = None
+
+    def __init__(self) -> None:
+        self.entries: dict[int, list[tuple[str, Any, torch.Tensor]]] = {}
+
+    def record(self, buf: torch.Tensor, kind: str, where: Any, value: torch.Tensor) -> None:
+        self.entries.setdefault(id(buf), []).append((kind, where, value))
+
+    def of(self, buf: torch.Tensor) -> list[tuple[str, Any, torch.Tensor]]:
+        return self.entries.get(id(buf), [])
+
+    def __enter__(self) -> WriteLog:
+        if WriteLog.active is not None:
+            raise RuntimeError("write logs do not nest")
+        WriteLog.active = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        WriteLog.active = None
+
+
+def read_columns(buf: torch.Tensor, index: torch.Tensor, entries: list | None = None) -> torch.Tensor:
+    """buf[:, :, index] for buf (B, F, N) and index (n,), seeing the writes a WriteLog holds for buf (or
+    ``entries``, a prefix of them)."""
+    got = buf.index_select(2, index)
+    log = WriteLog.active
+    if entries is None:
+        entries = log.of(buf) if log is not None else []
+    for kind, where, value in entries:
+        if kind == "column":  # value (B, F) at the dynamic position ``where`` (1,)
+            got = torch.where((index == where)[None, None, :], value[:, :, None], got)
+        else:  # "span": value (B, F, L) at the static positions where .. where + L - 1
+            inside = (index >= where) & (index < where + value.shape[2])
+            picked = value.index_select(2, (index - where).clamp(0, value.shape[2] - 1))
+            got = torch.where(inside[None, None, :], picked, got)
+    return got
+
+
 def write_column(buf: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """buf[:, :, index] = value, in place: buf (B, F, N), index (1,), value (B, F).
 
@@ -110,8 +206,11 @@ def write_column(buf: torch.Tensor, index: torch.Tensor, value: torch.Tensor) ->
     cached decoding measured 1.5x slower at batch 64). Elsewhere ``index_copy_``, which libtorch runs 1.5x
     faster than the expanded-index scatter at batch 16-64.
     """
+    if WriteLog.active is not None:
+        WriteLog.active.record(buf, "column", index.reshape(1), value)
+        return buf
     v = value[:, :, None]
-    if torch.onnx.is_in_onnx_export():
+    if OnnxOps.active:
         return buf.scatter_(2, index.reshape(1, 1, 1).expand_as(v), v)
     return buf.index_copy_(2, index, v)
 

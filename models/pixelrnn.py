@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError
-from .incremental import CachedConv, IncrementalModel, pointwise, pointwise_row, write_column
+from .incremental import CachedConv, IncrementalModel, pointwise, pointwise_row, read_columns, write_column
 from .layers import MaskedConv2d, check_group_multiple
 
 
@@ -218,7 +218,7 @@ class _IncrementalPixelRNN(IncrementalModel):
 
     @staticmethod
     def get(buf: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        return buf.index_select(2, j)[:, :, 0]
+        return read_columns(buf, j)[:, :, 0]
 
 
 class IncrementalRowLSTM(_IncrementalPixelRNN):

@@ -300,3 +300,31 @@ def test_a_graph_the_dynamo_exporter_fails_on_falls_back_and_says_why(family_bun
         "dynamo: RuntimeError: no decomposition for aten::imaginary_op")
     same = load(family_bundles["pixelcnn"]).sample(2, seed=1)
     np.testing.assert_array_equal(load(tmp_path / "b").sample(2, seed=1), same)
+
+
+# ---- step_updates -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", AUTOREGRESSIVE)
+def test_step_updates_decode_the_cached_images(family_bundles, name: str, fresh_seed: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ONNX step that returns only its writes (applied to the caches in place by the runtime) draws the
+    images of the full-cache step, TorchScript's and naive decoding, completion included."""
+    from genforge.runtime.backends import OnnxStepper
+
+    bundle = family_bundles[name]
+    entry = json.loads((bundle / "manifest.json").read_text())["graphs"]["step_updates.onnx"]
+    outputs = {o["name"] for o in entry["outputs"]}
+    assert entry["role"] == "step_updates" and entry["updates"]
+    assert all(u["value"] in outputs and (u["index"] in outputs) == (u["kind"] == "column") for u in entry["updates"])
+    full = load(bundle, backend="onnx").sample(4, seed=fresh_seed, decoder="cached")
+    monkeypatch.setattr(OnnxStepper, "updates_min_batch", 1)
+    s = load(bundle, backend="onnx")
+    stepper = s.backend.stepper()
+    stepper.reset(2, None if not s.num_classes else np.zeros(2, np.int64))
+    assert stepper.use_updates
+    np.testing.assert_array_equal(s.sample(4, seed=fresh_seed, decoder="cached"), full)
+    np.testing.assert_array_equal(full, load(bundle, backend="torchscript").sample(4, seed=fresh_seed))
+    np.testing.assert_array_equal(full, s.sample(4, seed=fresh_seed, decoder="naive"))
+    rows = s.image_shape[0] // 2
+    np.testing.assert_array_equal(s.complete(full[::-1], rows, seed=1, decoder="cached"),
+                                  load(bundle, backend="torchscript").complete(full[::-1], rows, seed=1))
