@@ -117,22 +117,21 @@ def bench(bundle: Path, backend: str, batch: int, naive_rows: int, repeats: int,
     return row
 
 
-def trained_bundle(work: Path, steps: int, hidden: int, layers: int, data_path: str) -> tuple[Path, dict]:
-    """A PixelCNN trained on binarized MNIST and its final metrics, reused from ``work`` when a previous run
-    left them there."""
-    bundle = work / f"trained-h{hidden}-l{layers}-s{steps}-bundle"
-    metrics = bundle.with_name(bundle.name + "-metrics.json")
-    if (bundle / "manifest.json").is_file() and metrics.is_file():
-        return bundle, json.loads(metrics.read_text())
-    from genforge.train import DataSpec, TrainConfig, train_run
+def trained_bundle(work: Path, out: Path, steps: int, hidden: int, layers: int, data_path: str) -> tuple[Path, dict]:
+    """A PixelCNN trained on binarized MNIST (the run is kept in ``work`` and reused by later runs), exported
+    afresh into ``out`` so that the figures are always those of the current exporter; and its final metrics."""
+    run_dir = work / f"trained-h{hidden}-l{layers}-s{steps}-run"
+    metrics = run_dir.with_name(run_dir.name + "-metrics.json")
+    if not metrics.is_file():
+        from genforge.train import DataSpec, TrainConfig, train_run
 
-    run = train_run(model="pixelcnn", data=DataSpec("binarized-mnist", path=data_path),
-                    model_overrides={"hidden": hidden, "layers": layers, "output_hidden": hidden},
-                    train=TrainConfig(steps=steps, n_samples=0, eval_limit=500), out=work / bundle.name.replace(
-                        "-bundle", "-run"), overwrite=True, progress=False)
-    export_run(run.run_dir, bundle, formats=("onnx", "torchscript"), overwrite=True)
-    metrics.write_text(json.dumps(run.metrics))
-    return bundle, run.metrics
+        run = train_run(model="pixelcnn", data=DataSpec("binarized-mnist", path=data_path),
+                        model_overrides={"hidden": hidden, "layers": layers, "output_hidden": hidden},
+                        train=TrainConfig(steps=steps, n_samples=0, eval_limit=500), out=run_dir, overwrite=True,
+                        progress=False)
+        metrics.write_text(json.dumps(run.metrics))
+    bundle = export_run(run_dir, out, formats=("onnx", "torchscript"))
+    return bundle, json.loads(metrics.read_text())
 
 
 def check_equal(bundle: Path) -> bool:
@@ -176,8 +175,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             if model == "trained":
-                bundle, trained_metrics = trained_bundle(work, args.train_steps, args.hidden, args.layers,
-                                                         args.data_path)
+                bundle, trained_metrics = trained_bundle(work, Path(tmp) / "trained", args.train_steps,
+                                                         args.hidden, args.layers, args.data_path)
             else:
                 bundle = make_bundle(Path(tmp), args.hidden, args.layers, args.size)
             same[model] = check_equal(bundle)
