@@ -98,12 +98,11 @@ class UpdatesGraph(nn.Module):
         return tuple(outs)
 
 
-def updates_graph(model: Any, step: GraphDef) -> tuple[GraphDef, list[dict[str, Any]]]:
-    """The ``step_updates`` graph beside ``step`` and its write layout (the manifest's ``updates``), found by
-    running the step once: which caches it writes, how (a column at a position the graph returns, or a span
-    at a fixed offset) and in which order."""
-    c = model.config
-    graph = UpdatesGraph(model.cached_form(), bool(c.num_classes)).eval()
+def updates_graph(step: GraphDef) -> GraphDef:
+    """The ONNX-only ``step_updates`` graph beside ``step``, on the same cached form, with its write layout
+    (the manifest's ``updates``) found by running the step once: which caches it writes, how (a column at a
+    position the graph returns, or a span at a fixed offset) and in which order."""
+    graph = UpdatesGraph(step.module.inc, step.module.conditional).eval()
     with torch.no_grad():
         _, writes = graph.writes(*step.make_inputs(2, torch.Generator().manual_seed(0)))
     outputs = [step.outputs[0]]
@@ -119,7 +118,8 @@ def updates_graph(model: Any, step: GraphDef) -> tuple[GraphDef, list[dict[str, 
             else:
                 entry["offset"] = int(where)
             layout.append(entry)
-    return GraphDef("step_updates", graph, step.inputs, outputs, step.make_inputs, step.state), layout
+    return GraphDef("step_updates", graph, step.inputs, outputs, step.make_inputs, step.state,
+                    extra={"updates": layout}, formats=("onnx",))
 
 
 def label_inputs(c: Any) -> list[dict[str, Any]]:
@@ -178,10 +178,7 @@ def cached_graphs(model: Any) -> list[GraphDef]:
         ),
     ]
     # The ONNX runtime's step (TorchScript's step already writes its caches in place).
-    updates, layout = updates_graph(model, graphs[0])
-    updates.extra = {"updates": layout}
-    updates.formats = ("onnx",)
-    return [*graphs, updates]
+    return [*graphs, updates_graph(graphs[0])]
 
 
 def autoregressive_graphs(model: Any) -> list[GraphDef]:

@@ -22,8 +22,9 @@ the memory is O(layers x kernel height x width x channels). Colour models call `
 sub-pixel: a layer's group-g output at (i, j) depends only on channels < g of x(i, j), so the call for
 channel k is exact for channel k, and the last call leaves every cache final.
 
-Writes use ``scatter_`` (a ScatterElements in ONNX) and reads ``index_select`` on flat buffers: both
-export to every backend and keep the graphs free of data-dependent shapes.
+Writes use ``index_copy_`` (``scatter_`` in ONNX: one ScatterElements) and reads ``index_select`` (a Slice of
+the buffer's row view in ONNX) on flat buffers: both export to every backend and keep the graphs free of
+data-dependent shapes.
 """
 
 from __future__ import annotations
