@@ -7,8 +7,12 @@ exported with ONNX and TorchScript graphs. For each model, backend and batch siz
 
 - cached: a whole image decoded by the runtime's cached loop (one ``step`` per sub-pixel, one ``row`` per row);
 - graph (ONNX only): the same cached loop run inside the bundle's ``sample.onnx`` (ONNX Loop), one call;
-- parallel: the forward graph iterated to its fixed point (runtime/decoding.parallel_decode), with its
-  iteration count (the slowest image of the batch sets it) and forward passes per image;
+- parallel: what ``decoder="parallel"`` runs, windowed parallel decoding (runtime/decoding.window_decode: the
+  fixed-point iteration over a few rows at a time through the bundle's ``window`` graph), with its pass count
+  (the slowest image of the batch sets it) and forward-pass equivalents per image (rows computed / height);
+- parallel (forward graph): the whole forward graph iterated to its fixed point (decoding.parallel_decode),
+  what families without a window graph run, up to ``--forward-parallel-max-batch``;
+- window rows: windowed parallel decoding with 1-8 rows per window, at batch 1 and 16 (``WINDOW_ROWS``);
 - naive: every step is the same full forward pass, so it is timed over the first ``--naive-rows`` rows and
   extrapolated linearly to the whole image (said as such in the table).
 
@@ -37,10 +41,10 @@ import torch
 from genforge.export import export_run
 from genforge.models import build_model
 from genforge.runtime import load
-from genforge.runtime.decoding import cached_decode, naive_decode, parallel_decode
+from genforge.runtime.decoding import WINDOW_ROWS, cached_decode, naive_decode, parallel_decode, window_decode
 from genforge.runtime.files import atomic_write_json
 from genforge.runtime.randomness import uniforms
-from genforge.runtime.sampler import PARALLEL_MAX_BATCH, auto_decoder
+from genforge.runtime.sampler import PARALLEL_MAX_BATCH, WINDOW_PARALLEL_MAX_BATCH, auto_decoder
 from genforge.train.checkpoint import RunConfig, save_weights
 
 
@@ -77,8 +81,14 @@ def timed_adaptive(fn: Any, repeats: int) -> float:
     return timed(fn, repeats)
 
 
+def windowed(sampler: Any, u: np.ndarray, rows: int = WINDOW_ROWS, stats: dict | None = None) -> np.ndarray:
+    """Windowed parallel decoding as the sampler runs it, starting caches included."""
+    return window_decode(sampler._window(), sampler._window_start(len(u), None), u, levels=sampler.levels,
+                         rows=rows, stats=stats)
+
+
 def bench(bundle: Path, backend: str, batch: int, naive_rows: int, repeats: int, model: str,
-          parallel_max_batch: int) -> dict[str, Any]:
+          forward_parallel_max_batch: int) -> dict[str, Any]:
     sampler = load(bundle, backend=backend, device="cpu")
     h, w, c = sampler.image_shape
     u = uniforms(0, 0, batch, (h, w, c))
@@ -95,26 +105,43 @@ def bench(bundle: Path, backend: str, batch: int, naive_rows: int, repeats: int,
 
     naive_part_s = timed_adaptive(naive_part, 1)
     naive_s = naive_part_s * (h * w * c) / steps
-    stats: dict[str, Any] = {"iterations": None, "forward_passes_per_image": None}
-    parallel_s = (timed_adaptive(lambda: parallel_decode(sampler.forward, u, levels=sampler.levels, stats=stats),
-                                 repeats) if batch <= parallel_max_batch else None)
+    stats: dict[str, Any] = {}
+    parallel_s = timed_adaptive(lambda: windowed(sampler, u, stats=stats), repeats)
+    fstats: dict[str, Any] = {"iterations": None, "forward_passes_per_image": None}
+    forward_s = (timed_adaptive(lambda: parallel_decode(sampler.forward, u, levels=sampler.levels, stats=fstats),
+                                repeats) if batch <= forward_parallel_max_batch else None)
     row = {
         "model": model, "backend": backend, "batch": batch, "cached_s": cached_s,
         "naive_s_extrapolated": naive_s, "naive_rows_timed": naive_rows, "speedup": naive_s / cached_s,
         "cached_images_per_s": batch / cached_s, "naive_images_per_s": batch / naive_s,
         "parallel_s": parallel_s, "parallel_images_per_s": parallel_s and batch / parallel_s,
         "parallel_iterations": stats["iterations"], "parallel_forward_passes_per_image":
-            stats["forward_passes_per_image"], "parallel_vs_cached": parallel_s and cached_s / parallel_s,
-        "auto": auto_decoder(sampler.decoders, batch, backend, "cpu"),
+            stats["forward_passes_per_image"], "parallel_vs_cached": cached_s / parallel_s,
+        "parallel_window_rows": WINDOW_ROWS,
+        "parallel_forward_s": forward_s, "parallel_forward_iterations": fstats["iterations"],
+        "parallel_forward_vs_cached": forward_s and cached_s / forward_s,
+        "auto": auto_decoder(sampler.decoders, batch, backend, "cpu", windowed=True),
     }
     if backend == "onnx":  # sample.onnx: the same cached loop inside one graph (ONNX Loop)
         feed = {"uniforms": u, "prefix": np.zeros((batch, h, w, c), np.uint8), "start_row": np.array([0])}
         graph_s = timed(lambda: sampler.backend.run("sample", feed), repeats)
         row.update(graph_s=graph_s, graph_images_per_s=batch / graph_s)
-    if parallel_s is not None:
-        auto_s = parallel_s if row["auto"] == "parallel" else cached_s
-        row["auto_vs_best_of_parallel_and_cached"] = auto_s / min(parallel_s, cached_s)
+    auto_s = parallel_s if row["auto"] == "parallel" else cached_s
+    row["auto_vs_best_of_parallel_and_cached"] = auto_s / min(parallel_s, cached_s)
     return row
+
+
+def window_sweep(bundle: Path, batch: int, repeats: int) -> list[dict[str, Any]]:
+    """Windowed parallel decoding on ONNX with 1 to 8 rows per window: the data behind ``WINDOW_ROWS``."""
+    sampler = load(bundle, backend="onnx", device="cpu")
+    u = uniforms(0, 0, batch, sampler.image_shape)
+    out = []
+    for rows in (1, 2, 3, 4, 6, 8):
+        stats: dict[str, Any] = {}
+        seconds = timed(lambda rows=rows, stats=stats: windowed(sampler, u, rows, stats), repeats)
+        out.append({"batch": batch, "rows": rows, "seconds": seconds, "iterations": stats["iterations"],
+                    "forward_passes_per_image": stats["forward_passes_per_image"]})
+    return out
 
 
 def trained_bundle(work: Path, out: Path, steps: int, hidden: int, layers: int, data_path: str) -> tuple[Path, dict]:
@@ -144,14 +171,15 @@ def check_equal(bundle: Path) -> bool:
     graph = s.backend.run("sample", {"uniforms": u, "prefix": np.zeros((2, h, w, c), np.uint8),
                                      "start_row": np.array([0])})[0]
     ts = load(bundle, backend="torchscript", device="cpu")
-    same = [naive_decode(s.forward, u, levels=2), graph, parallel_decode(s.forward, u, levels=2),
-            cached_decode(ts.backend.stepper(), u, levels=2), parallel_decode(ts.forward, u, levels=2)]
+    same = [naive_decode(s.forward, u, levels=2), graph, parallel_decode(s.forward, u, levels=2), windowed(s, u),
+            cached_decode(ts.backend.stepper(), u, levels=2), parallel_decode(ts.forward, u, levels=2),
+            windowed(ts, u)]
     return all(np.array_equal(cached, other) for other in same)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,4,16,64,256")
+    ap.add_argument("--batches", default="1,4,16,32,64,256")
     ap.add_argument("--backends", default="torchscript,onnx")
     ap.add_argument("--models", default="trained,random")
     ap.add_argument("--hidden", type=int, default=64)
@@ -160,10 +188,8 @@ def main() -> None:
     ap.add_argument("--naive-rows", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=400)
-    # A cap on the batches at which parallel decoding is timed on the random model, for models whose random
-    # weights make it slow to converge. The default 64x8 one converges in a handful of passes (its output
-    # barely depends on its input), which is why the trained model is the one that says how parallel does.
-    ap.add_argument("--random-parallel-max-batch", type=int, default=256)
+    # Whole-forward parallel decoding costs (passes x a forward pass of the batch): 20-30 s a batch at 256.
+    ap.add_argument("--forward-parallel-max-batch", type=int, default=16)
     ap.add_argument("--data-path", default=str(Path(__file__).resolve().parents[2] / "shared/data/binarized_mnist.npz"))
     ap.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "genforge-decoding-bench"))
     ap.add_argument("--out", default="benchmarks/results/decoding-cpu")
@@ -171,7 +197,7 @@ def main() -> None:
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    rows, same, trained_metrics = [], {}, None
+    rows, same, trained_metrics, sweep = [], {}, None, []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             if model == "trained":
@@ -180,13 +206,16 @@ def main() -> None:
             else:
                 bundle = make_bundle(Path(tmp), args.hidden, args.layers, args.size)
             same[model] = check_equal(bundle)
+            if model == "trained":
+                sweep = [*window_sweep(bundle, 1, args.repeats), *window_sweep(bundle, 16, args.repeats)]
             for n in args.batches.split(","):
                 for b in args.backends.split(","):
-                    limit = 10**9 if model == "trained" else args.random_parallel_max_batch
-                    rows.append(bench(bundle, b, int(n), args.naive_rows, args.repeats, model, limit))
+                    rows.append(bench(bundle, b, int(n), args.naive_rows, args.repeats, model,
+                                      args.forward_parallel_max_batch))
                     r = rows[-1]
-                    print(f"{model} {b} batch {n}: cached {r['cached_s']:.3f} s, parallel {r['parallel_s']} s "
-                          f"({r['parallel_iterations']} iterations)", flush=True)
+                    print(f"{model} {b} batch {n}: cached {r['cached_s']:.3f} s, parallel {r['parallel_s']:.3f} s "
+                          f"({r['parallel_iterations']} passes), forward parallel {r['parallel_forward_s']} s",
+                          flush=True)
     import onnxruntime
 
     result = {
@@ -202,6 +231,8 @@ def main() -> None:
                   "trained": f"{args.train_steps} steps on binarized MNIST", "trained_metrics": trained_metrics},
         "all_decoders_equal": same,  # naive, cached, graph and parallel images, per model
         "parallel_max_batch_for_auto": PARALLEL_MAX_BATCH,
+        "window_parallel_max_batch_for_auto": WINDOW_PARALLEL_MAX_BATCH,
+        "window_rows_sweep_onnx_trained": sweep,
         "rows": rows,
     }
     out = Path(args.out)
@@ -209,16 +240,20 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"| model | backend | batch | naive s/batch (from {args.naive_rows} row) | cached s/batch | cached images/s | "
-        "graph images/s | parallel s/batch | parallel iterations | parallel vs cached | auto |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "graph images/s | parallel s/batch | parallel passes | parallel vs cached | parallel (forward graph) "
+        "vs cached, passes | auto |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         graph = f"{r['graph_images_per_s']:.1f}" if "graph_s" in r else "-"
-        par = (f"{r['parallel_s']:.3f} | {r['parallel_iterations']} | {r['parallel_vs_cached']:.2f}x"
-               if r["parallel_s"] is not None else "- | - | -")
+        par = f"{r['parallel_s']:.3f} | {r['parallel_iterations']} | {r['parallel_vs_cached']:.2f}x"
+        fwd = (f"{r['parallel_forward_vs_cached']:.2f}x, {r['parallel_forward_iterations']}"
+               if r["parallel_forward_s"] is not None else "-")
         lines.append(
             f"| {r['model']} | {r['backend']} | {r['batch']} | {r['naive_s_extrapolated']:.2f} | {r['cached_s']:.3f} | "
-            f"{r['cached_images_per_s']:.1f} | {graph} | {par} | {r['auto']} |")
+            f"{r['cached_images_per_s']:.1f} | {graph} | {par} | {fwd} | {r['auto']} |")
+    lines += ["", "Window rows (ONNX, trained model): " + "; ".join(
+        f"batch {w['batch']} rows {w['rows']}: {w['seconds']:.3f} s, {w['iterations']} passes" for w in sweep)]
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)

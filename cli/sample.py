@@ -99,8 +99,10 @@ def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str
         how = f", {st['decoder']} decoding"
         if st["iterations"]:
             h, w, c = sampler.image_shape
-            how += (f": {max(st['iterations'])} iterations at most per batch of {h * w * c} sub-pixels, "
-                    f"{st['forward_passes'] / max(len(images), 1):.1f} forward passes per image")
+            through = "window" if st.get("method") == "window" else "forward"
+            how += (f" through the {through} graph: {max(st['iterations'])} passes at most per batch of "
+                    f"{h * w * c} sub-pixels, {st['forward_passes'] / max(len(images), 1):.1f} forward-pass "
+                    "equivalents per image")
     click.echo(f"wrote {len(images)} images ({sampler.backend.name}, {sampler.backend.device}{how}) to {out}")
 
 

@@ -71,20 +71,25 @@ def _onnx_proto(g: GraphDef, example: tuple[torch.Tensor, ...], opset: int, expo
 
     names_in = [i["name"] for i in g.inputs]
     names_out = [o["name"] for o in g.outputs]
-    batch = [spec["shape"] and spec["shape"][0] == "batch" for spec in g.inputs]
-    with _quiet_export(), contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx"), OnnxOps(exporter):
+    # Named dimensions are dynamic: "batch" everywhere, "rows" in the window graph.
+    named = [{axis: d for axis, d in enumerate(spec["shape"]) if isinstance(d, str)} for spec in g.inputs]
+    # torch.export prints the graph it traced to stderr when a step reads a data-dependent column (.item());
+    # the export succeeds and parity verification decides, so that is noise to a gen-export user.
+    with _quiet_export(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            _quiet_logger("torch.onnx"), OnnxOps(exporter):
         if exporter == "dynamo":
-            dim = torch.export.Dim("batch", min=1)
+            dims = {d: torch.export.Dim(d, min=1) for axes in named for d in axes.values()}
             program = torch.onnx.export(
                 # Named parameters: torch.export maps dynamic_shapes onto the signature, which *rest would hide.
                 _with_argument_names(g.module, names_in), example, dynamo=True, input_names=names_in,
-                output_names=names_out, dynamic_shapes=tuple({0: dim} if b else None for b in batch),
+                output_names=names_out,
+                dynamic_shapes=tuple({a: dims[d] for a, d in axes.items()} or None for axes in named),
                 opset_version=opset, optimize=True, verbose=False,
             )
             return program.model_proto
-        dynamic = {
-            spec["name"]: {0: "batch"} for spec in g.inputs + g.outputs if spec["shape"] and spec["shape"][0] == "batch"
-        }
+        dynamic = {spec["name"]: {a: d for a, d in enumerate(spec["shape"]) if isinstance(d, str)}
+                   for spec in g.inputs + g.outputs}
+        dynamic = {name: axes for name, axes in dynamic.items() if axes}
         buf = io.BytesIO()
         torch.onnx.export(
             g.module, example, buf, input_names=names_in, output_names=names_out, dynamic_axes=dynamic,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError
-from .incremental import CachedConv, IncrementalModel, pointwise, pointwise_row
+from .incremental import CachedConv, IncrementalModel, dynamic_rows, pointwise, pointwise_row
 from .layers import MaskedConv2d, check_group_multiple, gate
 
 
@@ -185,3 +185,25 @@ class IncrementalGatedPixelCNN(IncrementalModel):
             h = gated if layer.h_out is None else h + pointwise(layer.h_out, gated)
         out = m.output_params_at(h)
         return self.head_log_probs(out), self._join(v, link, new_h)
+
+    def window(self, x_rows, advance, caches, labels=None):  # type: ignore[no-untyped-def]
+        # The full layers of GatedLayer.forward on the window, the vertical convolutions reading the rows
+        # above it from their buffers. The caches handed back are row()'s at row F + advance: the vertical
+        # buffers (after the first) hold that row of the stack below, the links its vertical link.
+        v_bufs, _, h_bufs = self._split(caches)
+        v = h = self.normalize(x_rows)
+        new_v, new_link = [], []
+        for i, layer in enumerate(self.model.layers):
+            v_pre, buf = self.v_convs[i].window(v_bufs[i], v, advance, keep_current=i > 0)
+            link = layer.link(v_pre)
+            h_pre = layer.h_conv(h) + link
+            new_v.append(buf)
+            new_link.append(dynamic_rows(link, advance, 1)[:, :, 0])
+            cond = self._cond(layer, labels)
+            if cond is not None:
+                v_pre, h_pre = v_pre + cond[:, :, None, None], h_pre + cond[:, :, None, None]
+            v = gate(v_pre)
+            gated = gate(h_pre)
+            h = gated if layer.h_out is None else h + layer.h_out(gated)
+        out = self.model.output_params(h)
+        return self.grid_log_probs(out), self._join(new_v, new_link, [torch.zeros_like(b) for b in h_bufs])

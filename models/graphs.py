@@ -49,9 +49,10 @@ class MethodGraph(nn.Module):
 
 
 class CachedGraph(nn.Module):
-    """The incremental form's ``step`` or ``row``: (row input, column or flag, *caches [, labels]).
+    """The incremental form's ``step``, ``row`` or ``window``: (row input, column, flag or advance, *caches
+    [, labels]).
 
-    step -> (log_probs (B, C, K), *caches); row -> *caches.
+    step -> (log_probs (B, C, K), *caches); row -> *caches; window -> (log_probs (B, C, R, W, K), *caches).
     """
 
     def __init__(self, inc: IncrementalModel, method: str, conditional: bool) -> None:
@@ -62,8 +63,8 @@ class CachedGraph(nn.Module):
 
     def forward(self, x_row: torch.Tensor, where: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         caches, labels = (list(rest[:-1]), rest[-1]) if self.conditional else (list(rest), None)
-        if self.method == "step":
-            log_probs, new = self.inc.step(x_row, where, caches, labels)
+        if self.method in ("step", "window"):
+            log_probs, new = getattr(self.inc, self.method)(x_row, where, caches, labels)
             return (log_probs, *new)
         return tuple(self.inc.row(x_row, where, caches, labels))
 
@@ -178,7 +179,35 @@ def cached_graphs(model: Any) -> list[GraphDef]:
         ),
     ]
     # The ONNX runtime's step (TorchScript's step already writes its caches in place).
-    return [*graphs, updates_graph(graphs[0])]
+    graphs.append(updates_graph(graphs[0]))
+    if inc.has_window:
+        graphs.append(window_graph(inc, graphs[0], random_caches))
+    return graphs
+
+
+def window_graph(inc: IncrementalModel, step: GraphDef, random_caches: Callable) -> GraphDef:
+    """``window``: whole rows at once over the caches, for windowed parallel decoding (docs/bundle.md). Its
+    second dynamic dimension, ``rows``, is the number of rows in the window."""
+    c = inc.config
+    cache_in = [i for i in step.inputs if i["name"].startswith("cache_")]
+    cache_out = [o for o in step.outputs if o["name"].startswith("new_")]
+
+    def make_window(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        # The row count follows the batch size, so the parity check (another batch size than the traced
+        # example) also runs another number of rows.
+        rows = min(c.height, 2 + batch % max(c.height - 1, 1))
+        x = torch.randint(0, c.levels, (batch, c.channels, rows, c.width), generator=g).float()
+        advance = torch.randint(0, rows, (1,), generator=g)
+        return (x, advance, *random_caches(batch, g), *random_labels(c, batch, g))
+
+    grid = ["batch", c.channels, "rows", c.width]
+    return GraphDef(
+        "window", CachedGraph(inc, "window", bool(c.num_classes)),
+        [{"name": "x_rows", "shape": grid, "dtype": "float32"}, {"name": "advance", "shape": [1], "dtype": "int64"},
+         *cache_in, *label_inputs(c)],
+        [{"name": "log_probs", "shape": [*grid, c.levels], "dtype": "float32"}, *cache_out],
+        make_window, step.state,
+    )
 
 
 def autoregressive_graphs(model: Any) -> list[GraphDef]:

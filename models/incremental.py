@@ -130,6 +130,23 @@ class CachedConv(nn.Module):
         """The convolution's output at column j of the current row: (B, O)."""
         return self.at_window(buf, self.taps + j)
 
+    def window(
+        self, buf: torch.Tensor, rows: torch.Tensor, advance: torch.Tensor, *, keep_current: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The convolution along K whole rows of its input, ``rows`` (B, I, K, W), the first being the buffer's
+        current row (the buffer holds the rows above it): -> (output (B, O, K, W), the buffer ``advance`` rows
+        further down, 0 <= advance < K, as ``row`` leaves it there: the current row zero, or with
+        ``keep_current`` the window's row at that position, for layers whose ``row`` fills it in)."""
+        b, i = buf.shape[0], buf.shape[1]
+        above = buf.reshape(b, i, self.rows, self.stride)[:, :, : self.rows - 1]
+        grid = torch.cat([above, F.pad(rows, (self.pad, self.pad))], dim=2)  # (B, I, rows - 1 + K, stride)
+        out = F.conv2d(grid, self.weight(), self.conv.bias)
+        if keep_current:
+            kept = dynamic_rows(grid, advance, self.rows)
+        else:
+            kept = torch.cat([dynamic_rows(grid, advance, self.rows - 1), torch.zeros_like(grid[:, :, :1])], dim=2)
+        return out, kept.reshape(b, i, self.rows * self.stride)
+
     def row_out(self, buf: torch.Tensor) -> torch.Tensor:
         """The convolution's output along the whole current row: (B, O, W)."""
         grid = buf.reshape(buf.shape[0], buf.shape[1], self.rows, self.stride)
@@ -216,6 +233,13 @@ def write_column(buf: torch.Tensor, index: torch.Tensor, value: torch.Tensor) ->
     return buf.index_copy_(2, index, v)
 
 
+def dynamic_rows(x: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
+    """x[:, :, start : start + n] for a (1,) int64 tensor ``start``: one Gather in ONNX. An index_select rather
+    than a slice at ``start.item()``: torch.export then needs no data-dependent size, and the window graphs
+    export in about half the time (these are a few rows of a cache, where Gather costs nothing)."""
+    return x.index_select(2, start + torch.arange(n, device=x.device))
+
+
 def pointwise(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
     """A 1x1 (masked) convolution at one position: v (B, I) -> (B, O)."""
     w = conv.masked_weight() if isinstance(conv, MaskedConv2d) else conv.weight
@@ -264,6 +288,26 @@ class IncrementalModel(nn.Module):
         self, x_row: torch.Tensor, j: torch.Tensor, caches: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         raise NotImplementedError
+
+    def window(
+        self, x_rows: torch.Tensor, advance: torch.Tensor, caches: list[torch.Tensor],
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Whole rows at once, for windowed parallel decoding (runtime/decoding.py): x_rows (B, C, K, W), the K
+        image rows from the caches' current row down, with the caches as ``row`` leaves them at that row ->
+        (log-probabilities (B, C, K, W, levels), the caches as ``row`` leaves them ``advance`` rows further
+        down). Families without it leave it unimplemented (``has_window``)."""
+        raise NotImplementedError
+
+    @property
+    def has_window(self) -> bool:
+        return type(self).window is not IncrementalModel.window
+
+    def grid_log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        """Raw parameters (B, P * C, K, W) -> log-probabilities (B, C, K, W, levels)."""
+        b, _, k, w = params.shape
+        raw = params.reshape(b, -1, self.config.channels, k, w)
+        return self.model.head.log_probs(raw)
 
 
 class EagerStepper:

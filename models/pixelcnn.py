@@ -113,3 +113,16 @@ class IncrementalPixelCNN(IncrementalModel):
             h = h + pointwise(block.expand, F.relu(y))
         out = m.output_params_at(h)  # (B, P * C)
         return self.head_log_probs(out), new
+
+    def window(self, x_rows, advance, caches, labels=None):  # type: ignore[no-untyped-def]
+        m = self.model
+        h, first = self.input_conv.window(caches[0], self.normalize(x_rows), advance)
+        bias = m.label_bias(labels, m.label_embedding)
+        if bias is not None:
+            h = h + bias
+        new = [first]
+        for block, cached, buf in zip(m.blocks, self.block_convs, caches[1:], strict=True):
+            y, buf = cached.window(buf, F.relu(block.reduce(F.relu(h))), advance)
+            new.append(buf)
+            h = h + block.expand(F.relu(y))
+        return self.grid_log_probs(m.output_params(h)), new

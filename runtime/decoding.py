@@ -6,7 +6,9 @@ with one pre-drawn uniform per sub-pixel, see randomness.py), hence the same ima
   one full forward pass per sub-pixel;
 - cached: a ``Stepper`` (the model's incremental form, models/incremental.py) that computes per sub-pixel
   only what that sub-pixel changes;
-- parallel: the full forward pass iterated to its fixed point, every sub-pixel redrawn per iteration.
+- parallel: the full forward pass iterated to its fixed point, every sub-pixel redrawn per iteration;
+- windowed parallel: the same iteration over a few rows at a time, from the first sub-pixel not yet final, with
+  the rows above held in the cached form's caches (``window`` graphs, PixelCNN and Gated PixelCNN).
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ import numpy as np
 from .progress import Progress
 
 ForwardFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+# (x_rows (B, C, K, W) levels, advance, caches, labels) -> (log_probs (B, C, K, W, levels), caches): the
+# window graph (docs/bundle.md, "Windowed parallel decoding").
+WindowFn = Callable[[np.ndarray, int, list, "np.ndarray | None"], tuple[np.ndarray, list]]
+
+# Rows per window, from the first unfinished one's row down: measured on the trained 64x8 PixelCNN on ONNX
+# (benchmarks/decoding.py, "window_rows_sweep" in its JSON): at batch 16, 3 rows took 69 passes and 0.33 s,
+# 1 row 159 passes (0.47 s), 8 rows 72 passes at 2.7x the time; at batch 1, 2-4 rows were within the noise.
+WINDOW_ROWS = 3
 
 
 def inverse_cdf(log_probs: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -151,6 +161,86 @@ def parallel_decode(
     if stats is not None:
         stats.update(iterations=iterations, forward_passes_per_image=passes / max(b, 1))
     return _finish(x, levels)
+
+
+def window_decode(
+    window: WindowFn,
+    caches: list,
+    u: np.ndarray,
+    *,
+    labels: np.ndarray | None = None,
+    levels: int,
+    prefix: np.ndarray | None = None,
+    start_row: int = 0,
+    rows: int = WINDOW_ROWS,
+    grow: bool = True,
+    progress: Progress | None = None,
+    stats: dict | None = None,
+) -> np.ndarray:
+    """Parallel decoding over a window of rows: the fixed-point iteration of ``parallel_decode``, each pass
+    computing only the rows from the first sub-pixel not yet final down ``rows`` rows, the rows above coming
+    from the caches (``caches``: the cached form's, as its ``row`` graph leaves them at row 0).
+
+    Each image keeps its frontier f, the number of sub-pixels (raster order) known final. A pass redraws the
+    sub-pixels from f on in the window; the first that changes, say q, was drawn from final sub-pixels alone,
+    so q + 1 are final after it (all of the window's, if none changed): at least one more sub-pixel per pass,
+    as in the full iteration, but a pass costs a few rows instead of the image. The caches move down to the
+    first unfinished row of the batch as rows become final, so they only ever hold final rows. Sub-pixels
+    before a frontier are never written again. With ``grow``, a pass that finds its whole window final doubles
+    the next window's depth (back to ``rows`` after any change): fewer passes over predictable rows. Same
+    arguments and result as ``naive_decode``; ``stats`` receives ``iterations`` and
+    ``forward_passes_per_image`` (rows computed / image height, per image).
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    b, h, w, c = u.shape
+    x = _start_image(u, prefix, start_row)
+    u_chw = u.transpose(0, 3, 1, 2)  # (B, C, H, W) to match log_probs
+    per_row = w * c
+    final = np.full(b, start_row * per_row)  # per image: sub-pixels known final, in raster order
+    active = np.arange(b if start_row < h else 0)
+    top = 0  # the row the caches stand at
+    iterations = 0
+    rows_run = 0.0
+    depth = rows
+    while active.size:
+        first = int(final[active].min()) // per_row  # the first row with an unfinished sub-pixel
+        end = min(h, first + depth)
+        advance = first - top  # rows above ``first`` are final: the caches may move down to it
+        lp, caches = window(np.ascontiguousarray(x[active, :, top:end]), advance,
+                            caches, None if labels is None else labels[active])
+        iterations += 1
+        rows_run += (end - top) * active.size
+        top = first
+        span = (end - first) * per_row
+        drawn = inverse_cdf(lp[:, :, advance:], u_chw[active, :, first:end]).astype(np.float32)  # (B', C, rows, W)
+        old = _raster(x[active, :, first:end])
+        new = _raster(drawn)
+        settled = final[active] - first * per_row  # (B',) sub-pixels of the window already final
+        open_ = np.arange(span)[None, :] >= settled[:, None]
+        changed = (new != old) & open_
+        new = np.where(open_, new, old)
+        x[active, :, first:end] = new.reshape(active.size, end - first, w, c).transpose(0, 3, 1, 2)
+        hit = changed.any(axis=1)
+        final[active] = np.where(hit, first * per_row + changed.argmax(axis=1) + 1,
+                                 np.maximum(final[active], end * per_row))
+        # A window that came out final everywhere says the model predicts these rows from the ones above
+        # (blank margins, a model that barely reads its input): look twice as far ahead next pass.
+        depth = min(h, depth * 2) if grow and not hit.any() else rows
+        done = final[active] >= h * per_row
+        if done.any():
+            if progress is not None:
+                progress.update(int(done.sum()) * h)
+            active = active[~done]
+            caches = [cache[~done] for cache in caches]
+    if stats is not None:
+        stats.update(iterations=iterations, forward_passes_per_image=rows_run / h / max(b, 1))
+    return _finish(x, levels)
+
+
+def _raster(x: np.ndarray) -> np.ndarray:
+    """(B, C, R, W) -> (B, R * W * C) in raster order (row, column, channel)."""
+    return x.transpose(0, 2, 3, 1).reshape(len(x), -1)
 
 
 def _start_image(u: np.ndarray, prefix: np.ndarray | None, start_row: int) -> np.ndarray:

@@ -7,9 +7,9 @@ import numbers
 
 import numpy as np
 
-from .backends import Backend
+from .backends import Backend, cache_inputs
 from .bundle import Bundle
-from .decoding import cached_decode, naive_decode, parallel_decode
+from .decoding import WindowFn, cached_decode, naive_decode, parallel_decode, window_decode
 from .errors import InputError
 from .latent import levels_from_log_probs, levels_from_mean
 from .progress import Progress, chunks
@@ -93,18 +93,25 @@ class Sampler:
 DECODERS = ("cached", "naive", "graph", "parallel")
 
 
-# decoder="auto": parallel decoding up to this batch size on the ONNX CPU backend, cached otherwise. Parallel
-# costs (iterations x one forward pass of the batch), cached ~100 tiny operations per sub-pixel whatever the
-# batch. Measured on a trained binarized-MNIST PixelCNN (benchmarks/decoding.py, README "Performance"): ONNX
-# parallel 2.3x faster than cached at batch 1 (49 passes) and 1.26x slower at batch 4 (55 passes, the slowest
-# image sets the count); TorchScript's forward pass is ~4x slower than onnxruntime's here, so its parallel
-# decoding loses already at batch 1. On the GPU the fused Triton decoders are the default.
+# decoder="auto" on the CPU, from benchmarks/decoding.py on a trained binarized-MNIST PixelCNN (README,
+# "Performance"). Windowed parallel decoding (bundles with a window graph: the PixelCNNs) costs passes x a few
+# rows of the batch; cached decoding ~100 tiny operations per sub-pixel whatever the batch, so parallel wins at
+# small batches and cached from WINDOW_PARALLEL_MAX_BATCH on. Whole-forward parallel decoding (the PixelRNNs)
+# costs passes x a whole forward pass and wins at batch 1 on ONNX only (2.3x there, 1.26x slower at batch 4;
+# TorchScript's forward pass is ~4x slower than onnxruntime's). On the GPU the fused Triton decoders are the
+# default.
 PARALLEL_MAX_BATCH = 1
+WINDOW_PARALLEL_MAX_BATCH = 32
 
 
-def auto_decoder(available: list[str], batch: int, backend: str, device: str) -> str:
-    if "parallel" in available and batch <= PARALLEL_MAX_BATCH and device == "cpu" and backend == "onnx":
-        return "parallel"
+def auto_decoder(available: list[str], batch: int, backend: str, device: str, *, windowed: bool = False) -> str:
+    """The decoder ``decoder="auto"`` runs for a batch; ``windowed``: the bundle has a window graph for
+    ``backend``."""
+    if "parallel" in available and device == "cpu":
+        if windowed and backend in ("onnx", "torchscript") and batch <= WINDOW_PARALLEL_MAX_BATCH:
+            return "parallel"
+        if not windowed and backend == "onnx" and batch <= PARALLEL_MAX_BATCH:
+            return "parallel"
     return "cached" if "cached" in available else "naive"
 
 
@@ -114,8 +121,10 @@ class AutoregressiveSampler(Sampler):
     ``decoder="cached"`` (the default where the bundle has the step graphs) runs the incremental form:
     about one forward pass per image. ``"naive"`` runs the full forward graph once per sub-pixel.
     ``"graph"`` runs the bundle's ``sample.onnx`` (the cached loop inside one ONNX graph; onnx backend).
-    ``"parallel"`` iterates the forward graph to its fixed point (decoding.parallel_decode); ``last_stats``
-    then says how many iterations each batch took. With the same seed all give the same images; ``"auto"``
+    ``"parallel"`` iterates to the fixed point of the sampling rule: through the bundle's ``window`` graph
+    where it has one (decoding.window_decode), else the whole forward graph (decoding.parallel_decode);
+    ``last_stats`` then says which (``method``), how many passes each batch took and the forward-pass
+    equivalents spent. With the same seed all give the same images; ``"auto"``
     picks by batch size and device (``auto_decoder``).
     """
 
@@ -148,8 +157,15 @@ class AutoregressiveSampler(Sampler):
                                  start_row=start_row, progress=bar)
         if decoder == "parallel":
             stats: dict = {}
-            out = parallel_decode(self.forward, u, labels=labels, levels=self.levels, prefix=prefix,
-                                  start_row=start_row, progress=bar, stats=stats)
+            window = self._window()
+            if window is not None:
+                out = window_decode(window, self._window_start(len(u), labels), u, labels=labels,
+                                    levels=self.levels, prefix=prefix, start_row=start_row, progress=bar,
+                                    stats=stats)
+            else:
+                out = parallel_decode(self.forward, u, labels=labels, levels=self.levels, prefix=prefix,
+                                      start_row=start_row, progress=bar, stats=stats)
+            self.last_stats["method"] = "forward" if window is None else "window"
             self.last_stats["iterations"].append(stats["iterations"])
             self.last_stats["forward_passes"] += stats["forward_passes_per_image"] * len(u)
             return out
@@ -158,7 +174,8 @@ class AutoregressiveSampler(Sampler):
 
     def _check_decoder(self, decoder: str, batch: int = 1) -> str:
         if decoder == "auto":
-            return auto_decoder(self.decoders, batch, self.backend.name, self.backend.device)
+            return auto_decoder(self.decoders, batch, self.backend.name, self.backend.device,
+                                windowed=self._window_format() is not None)
         if decoder not in DECODERS:
             raise InputError(f"unknown decoder {decoder!r}; choose one of auto, {', '.join(DECODERS)}")
         if decoder not in self.decoders:
@@ -166,6 +183,43 @@ class AutoregressiveSampler(Sampler):
         if decoder == "graph" and self.backend.name != "onnx":
             raise InputError(f"decoder 'graph' runs sample.onnx on the onnx backend, not {self.backend.name}")
         return decoder
+
+    def _window_format(self) -> str | None:
+        """The format whose ``window`` graph this backend runs, if the bundle has one (the fused Triton
+        backend runs the forward graph only)."""
+        fmt = self.backend.name
+        return fmt if fmt in ("onnx", "torchscript") and f"window.{fmt}" in self.bundle.manifest["graphs"] else None
+
+    def _window(self) -> WindowFn | None:
+        """Windowed parallel decoding's window call on this backend (decoding.window_decode), or None."""
+        fmt = self._window_format()
+        if fmt is None:
+            return None
+        # Caches travel in the manifest's order; the ONNX file may not take those the window never reads.
+        state = self.bundle.manifest["graphs"][f"window.{fmt}"]["state"]
+
+        def window(x_rows: np.ndarray, advance: int, caches: list, labels: np.ndarray | None
+                   ) -> tuple[np.ndarray, list]:
+            feed = {"x_rows": x_rows.astype(np.float32, copy=False), "advance": np.array([advance], np.int64),
+                    **{s["input"]: cache for s, cache in zip(state, caches, strict=True) if s["input"]}}
+            if labels is not None:
+                feed["labels"] = labels
+            out = self.backend.run("window", feed)
+            return out[0], out[1:]
+
+        return window
+
+    def _window_start(self, batch: int, labels: np.ndarray | None) -> list[np.ndarray]:
+        """The caches as the ``row`` graph leaves them at row 0: where windowed decoding starts."""
+        fmt = self._window_format()
+        assert fmt is not None
+        _, w, c = self.image_shape
+        feed = {name: np.zeros((batch, *shape), np.float32) for name, shape in cache_inputs(self.bundle, fmt)}
+        feed.update(x_prev_row=np.zeros((batch, c, w), np.float32), has_prev=np.zeros(1, np.float32))
+        if labels is not None:
+            feed["labels"] = labels
+        spec = self.bundle.graph("row", fmt)
+        return self.backend.run("row", {i["name"]: feed[i["name"]] for i in spec.inputs})
 
     def forward(self, x: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
         """x float32 (B, C, H, W) levels -> log-probabilities (B, C, H, W, K)."""

@@ -133,19 +133,22 @@ def test_a_bundle_of_another_randomness_scheme_is_refused(family_bundles, tmp_pa
         read_bundle(copy)
 
 
-def _inputs_for(spec: list[dict], manifest: dict, batch: int, g: torch.Generator) -> list[torch.Tensor]:
+def _inputs_for(spec: list[dict], manifest: dict, batch: int, g: torch.Generator,
+                rows: int = 2) -> list[torch.Tensor]:
     """Valid random inputs for a graph, from its manifest entry alone (as a client would build them)."""
     levels, classes, width = manifest["levels"], manifest["num_classes"], manifest["image"]["width"]
     out = []
     for s in spec:
-        shape = [batch if d == "batch" else d for d in s["shape"]]
+        shape = [{"batch": batch, "rows": rows}.get(d, d) for d in s["shape"]]
         if s["name"] == "labels":
             out.append(torch.randint(0, max(classes, 1), shape, generator=g))
         elif s["name"] == "j":
             out.append(torch.randint(0, width, shape, generator=g))
         elif s["name"] == "has_prev":
             out.append(torch.ones(shape))
-        elif s["name"] in ("x", "x_row", "x_prev_row"):
+        elif s["name"] == "advance":
+            out.append(torch.randint(0, rows, shape, generator=g))
+        elif s["name"] in ("x", "x_row", "x_prev_row", "x_rows"):
             out.append(torch.randint(0, levels, shape, generator=g).float())
         else:
             out.append(torch.randn(shape, generator=g))
@@ -177,7 +180,7 @@ def test_the_manifest_matches_each_torchscript_file(family_bundles, name: str, f
         assert len(outs) == len(entry["outputs"]), key
         for o, spec in zip(outs, entry["outputs"], strict=True):
             assert dtypes[o.dtype] == spec["dtype"], (key, spec["name"])
-            assert list(o.shape) == [3 if d == "batch" else d for d in spec["shape"]], (key, spec["name"])
+            assert list(o.shape) == [{"batch": 3, "rows": 2}.get(d, d) for d in spec["shape"]], (key, spec["name"])
         changed = [i["name"] for i, a, b in zip(entry["inputs"], inputs, before, strict=True) if not torch.equal(a, b)]
         assert changed == entry["mutates_inputs"], key
         if entry["role"] == "step":
@@ -188,7 +191,8 @@ def test_the_manifest_matches_each_torchscript_file(family_bundles, name: str, f
 def test_cache_pairing_is_recorded_for_the_cached_graphs(family_bundles, name: str) -> None:
     manifest = json.loads((family_bundles[name] / "manifest.json").read_text())
     caches = [c["name"] for c in manifest["caches"]]
-    for key in ("step.onnx", "row.onnx", "step.torchscript", "row.torchscript"):
+    windowed = ("window.onnx", "window.torchscript") if name in ("pixelcnn", "gated-pixelcnn", "pixelcnn-rgb") else ()
+    for key in ("step.onnx", "row.onnx", "step.torchscript", "row.torchscript", *windowed):
         entry = manifest["graphs"][key]
         ins, outs = [i["name"] for i in entry["inputs"]], [o["name"] for o in entry["outputs"]]
         assert [s["cache"] for s in entry["state"]] == caches, key

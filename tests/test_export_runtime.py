@@ -63,8 +63,8 @@ def test_manifest_records_what_it_promises(runs) -> None:
     assert m["format"] == "genforge-bundle" and m["version"] == BUNDLE_VERSION and m["family"] == "autoregressive"
     assert m["image"] == {"channels": 1, "height": 8, "width": 8} and m["levels"] == 4 and m["num_classes"] == 10
     assert m["likelihood"] == "categorical" and m["opset"] == 18 and m["versions"]["torch"] == torch.__version__
-    assert set(m["graphs"]) == {f"{g}.{f}" for g in ("forward", "step", "row") for f in ("onnx", "torchscript")} | {
-        "sample.onnx", "step_updates.onnx"}
+    assert set(m["graphs"]) == {f"{g}.{f}" for g in ("forward", "step", "row", "window")
+                                for f in ("onnx", "torchscript")} | {"sample.onnx", "step_updates.onnx"}
     assert m["decoders"] == ["naive", "cached", "graph"]
     step = m["graphs"]["step.onnx"]
     caches = [i for i in step["inputs"] if i["name"].startswith("cache_")]
@@ -76,7 +76,7 @@ def test_manifest_records_what_it_promises(runs) -> None:
     for key, check in m["parity"].items():
         assert 0 <= check["max_scaled_diff"] <= check["max_abs_diff"] and check["max_scaled_diff"] <= 1e-4, key
         assert check["tolerance"] == 1e-4, key
-    assert set(m["files"]) == {f"{g}.{e}" for g in ("forward", "step", "row") for e in ("onnx", "pt")} | {
+    assert set(m["files"]) == {f"{g}.{e}" for g in ("forward", "step", "row", "window") for e in ("onnx", "pt")} | {
         "weights.safetensors", "sample.onnx", "step_updates.onnx"}
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from genforge.runtime import load
 from genforge.runtime.decoding import naive_decode, parallel_decode
-from genforge.runtime.sampler import PARALLEL_MAX_BATCH, auto_decoder
+from genforge.runtime.sampler import PARALLEL_MAX_BATCH, WINDOW_PARALLEL_MAX_BATCH, auto_decoder
 
 
 @pytest.mark.parametrize("name", AUTOREGRESSIVE)
@@ -90,3 +90,8 @@ def test_auto_picks_parallel_for_small_cpu_batches_only() -> None:
     assert auto_decoder(have, PARALLEL_MAX_BATCH + 1, "onnx", "cpu") == "cached"
     assert auto_decoder(have, 1, "onnx", "cuda") == "cached"
     assert auto_decoder(["naive", "parallel"], 64, "onnx", "cpu") == "naive"
+    # With a window graph, parallel up to its own measured batch size, on both CPU backends.
+    for backend in ("onnx", "torchscript"):
+        assert auto_decoder(have, WINDOW_PARALLEL_MAX_BATCH, backend, "cpu", windowed=True) == "parallel"
+        assert auto_decoder(have, WINDOW_PARALLEL_MAX_BATCH + 1, backend, "cpu", windowed=True) == "cached"
+        assert auto_decoder(have, 1, backend, "cuda", windowed=True) == "cached"
