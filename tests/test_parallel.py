@@ -92,6 +92,7 @@ def test_auto_picks_parallel_for_small_cpu_batches_only() -> None:
     assert auto_decoder(["naive", "parallel"], 64, "onnx", "cpu") == "naive"
     # With a window graph, parallel up to its own measured batch size, on both CPU backends.
     for backend in ("onnx", "torchscript"):
-        assert auto_decoder(have, WINDOW_PARALLEL_MAX_BATCH, backend, "cpu", windowed=True) == "parallel"
-        assert auto_decoder(have, WINDOW_PARALLEL_MAX_BATCH + 1, backend, "cpu", windowed=True) == "cached"
+        most = WINDOW_PARALLEL_MAX_BATCH[backend]
+        assert auto_decoder(have, most, backend, "cpu", windowed=True) == "parallel"
+        assert auto_decoder(have, most + 1, backend, "cpu", windowed=True) == "cached"
         assert auto_decoder(have, 1, backend, "cuda", windowed=True) == "cached"
