@@ -235,8 +235,8 @@ def write_column(buf: torch.Tensor, index: torch.Tensor, value: torch.Tensor) ->
 
 def dynamic_rows(x: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
     """x[:, :, start : start + n] for a (1,) int64 tensor ``start``: one Gather in ONNX. An index_select rather
-    than a slice at ``start.item()``: torch.export then needs no data-dependent size, and the window graphs
-    export in about half the time (these are a few rows of a cache, where Gather costs nothing)."""
+    than a slice at ``start.item()``, so every exporter traces it without a data-dependent size; these are a
+    few rows of a cache, where a Gather costs nothing measurable."""
     return x.index_select(2, start + torch.arange(n, device=x.device))
 
 

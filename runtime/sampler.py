@@ -96,12 +96,11 @@ DECODERS = ("cached", "naive", "graph", "parallel")
 # decoder="auto" on the CPU, from benchmarks/decoding.py on a trained binarized-MNIST PixelCNN (README,
 # "Performance"). Windowed parallel decoding (bundles with a window graph: the PixelCNNs) costs passes x a few
 # rows of the batch; cached decoding ~100 tiny operations per sub-pixel whatever the batch, so parallel wins at
-# small batches, up to WINDOW_PARALLEL_MAX_BATCH[backend]: on ONNX it won up to 32 in three runs and tied
-# at 64; on TorchScript it won at 1 and 4 in three runs, at 16 in two of them (1.4-1.7x) and lost in the third
-# (1.2x), so 4. Whole-forward parallel decoding (the PixelRNNs)
-# costs passes x a whole forward pass and wins at batch 1 on ONNX only (2.3x there, 1.26x slower at batch 4;
-# TorchScript's forward pass is ~4x slower than onnxruntime's). On the GPU the fused Triton decoders are the
-# default.
+# small batches, up to WINDOW_PARALLEL_MAX_BATCH[backend]: on ONNX it won up to 32 in three runs and tied or
+# lost by 8% at 64; on TorchScript it won at 1 and 4 in three runs, at 16 in two of them (1.4-1.7x) and lost in
+# the third (1.2x), so 4. Whole-forward parallel decoding (the PixelRNNs) costs passes x a whole forward pass
+# and wins at batch 1 on ONNX only (2.3x there, 1.26x slower at batch 4; TorchScript's forward pass is ~4x
+# slower than onnxruntime's). On the GPU the fused Triton decoders are the default.
 PARALLEL_MAX_BATCH = 1
 WINDOW_PARALLEL_MAX_BATCH = {"onnx": 32, "torchscript": 4}
 
