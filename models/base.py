@@ -212,10 +212,12 @@ class AutoregressiveModel(GenerativeModel):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W) levels (any dtype) -> log-probabilities (B, C, H, W, K)."""
-        raw = self.params(x, labels)  # (B, P * C, H, W)
-        b, _, h, w = raw.shape
-        raw = raw.reshape(b, self.head.params_per_channel, self.config.channels, h, w)
-        return self.head.log_probs(raw)
+        return self.grid_log_probs(self.params(x, labels))
+
+    def grid_log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        """Raw head parameters (B, P * C, H', W') of any grid of pixels -> log-probabilities (B, C, H', W', K)."""
+        b, _, h, w = params.shape
+        return self.head.log_probs(params.reshape(b, self.head.params_per_channel, self.config.channels, h, w))
 
     def nll(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Exact negative log-likelihood per image, in nats: (B,)."""

@@ -304,10 +304,8 @@ class IncrementalModel(nn.Module):
         return type(self).window is not IncrementalModel.window
 
     def grid_log_probs(self, params: torch.Tensor) -> torch.Tensor:
-        """Raw parameters (B, P * C, K, W) -> log-probabilities (B, C, K, W, levels)."""
-        b, _, k, w = params.shape
-        raw = params.reshape(b, -1, self.config.channels, k, w)
-        return self.model.head.log_probs(raw)
+        """Raw parameters (B, P * C, K, W) -> log-probabilities (B, C, K, W, levels), as the full model's."""
+        return self.model.grid_log_probs(params)
 
 
 class EagerStepper:

@@ -154,7 +154,7 @@ def parallel_decode(
         iterations += 1
         passes += active.size
         new = inverse_cdf(lp[:, :, start_row:], u_chw[active]).astype(np.float32)  # (B', C, H', W)
-        changed = (new != x[active, :, start_row:]).transpose(0, 2, 3, 1).reshape(active.size, -1).any(axis=1)
+        changed = _raster(new != x[active, :, start_row:]).any(axis=1)
         x[active[changed], :, start_row:] = new[changed]
         if progress is not None and (~changed).any():
             progress.update(int((~changed).sum()) * h)
