@@ -119,7 +119,7 @@ class IncrementalGatedPixelCNN(IncrementalModel):
         specs: list[tuple[str, tuple[int, ...]]] = []
         for i in range(self.n):
             specs.append((f"v{i}", self.v_convs[i].buffer_shape()))
-            specs.append((f"link{i}", (2 * c.hidden, c.width)))
+            specs.append((f"link{i}", (c.width, 2 * c.hidden)))
             if i > 0:
                 specs.append((f"h{i}", self.h_convs[i].buffer_shape()))
         return specs
@@ -154,7 +154,7 @@ class IncrementalGatedPixelCNN(IncrementalModel):
             else:
                 buf = cached.write_row(cached.roll(v[i]), below)
             v_pre = cached.row_out(buf)  # (B, 2h, W)
-            link = pointwise_row(layer.link, v_pre)
+            link = pointwise_row(layer.link, v_pre).transpose(1, 2).contiguous()  # (B, W, 2h): position-major
             cond = self._cond(layer, labels)
             if cond is not None:
                 v_pre = v_pre + cond[:, :, None]
@@ -167,7 +167,7 @@ class IncrementalGatedPixelCNN(IncrementalModel):
         m = self.model
         v, link, hbufs = self._split(caches)
         first = self.h_convs[0]
-        x_buf = F.pad(self.normalize(x_row), (first.pad, first.pad))  # (B, C, W + 2p): one buffer row
+        x_buf = F.pad(self.normalize(x_row), (first.pad, first.pad)).transpose(1, 2)  # (B, W + 2p, C): one row
         new_h = []
         h = None
         for i, layer in enumerate(m.layers):
@@ -177,7 +177,7 @@ class IncrementalGatedPixelCNN(IncrementalModel):
                 buf = self.h_convs[i].write_col(hbufs[i - 1], j, h)
                 new_h.append(buf)
                 h_pre = self.h_convs[i].at(buf, j)
-            h_pre = h_pre + link[i].index_select(2, j.reshape(1))[:, :, 0]
+            h_pre = h_pre + link[i].index_select(1, j.reshape(1))[:, 0]
             cond = self._cond(layer, labels)
             if cond is not None:
                 h_pre = h_pre + cond
@@ -198,7 +198,7 @@ class IncrementalGatedPixelCNN(IncrementalModel):
             link = layer.link(v_pre)
             h_pre = layer.h_conv(h) + link
             new_v.append(buf)
-            new_link.append(dynamic_rows(link, advance, 1)[:, :, 0])
+            new_link.append(dynamic_rows(link, advance, 1)[:, :, 0].transpose(1, 2).contiguous())
             cond = self._cond(layer, labels)
             if cond is not None:
                 v_pre, h_pre = v_pre + cond[:, :, None, None], h_pre + cond[:, :, None, None]

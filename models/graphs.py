@@ -71,9 +71,9 @@ class CachedGraph(nn.Module):
 
 class UpdatesGraph(nn.Module):
     """The incremental form's ``step`` returning only what it writes: (x_row, j, *caches [, labels]) ->
-    (log_probs, then per cache each write in order: its values (B, F) for one column or (B, F, L) for a span,
+    (log_probs, then per cache each write in order: its values (B, F) for one column or (B, L, F) for a span,
     and for a column its position (1,)). A runtime applies them to its own buffers in place (the caches'
-    positions are flat offsets into their last axis), so a step's I/O no longer grows with the caches."""
+    positions are flat offsets into their axis 1), so a step's I/O no longer grows with the caches."""
 
     def __init__(self, inc: IncrementalModel, conditional: bool) -> None:
         super().__init__()
@@ -112,7 +112,7 @@ def updates_graph(step: GraphDef) -> GraphDef:
         for k, (kind, where, value) in enumerate(entries):
             value_name = f"upd_{name}_{k}"
             outputs.append({"name": value_name, "shape": ["batch", *value.shape[1:]], "dtype": "float32"})
-            entry = {"cache": name, "kind": kind, "value": value_name, "index": None, "offset": None}
+            entry = {"cache": name, "kind": kind, "value": value_name, "index": None, "offset": None, "axis": 1}
             if kind == "column":
                 outputs.append({"name": f"at_{name}_{k}", "shape": [1], "dtype": "int64"})
                 entry["index"] = f"at_{name}_{k}"

@@ -25,6 +25,12 @@ channel k is exact for channel k, and the last call leaves every cache final.
 Writes use ``index_copy_`` (``scatter_`` in ONNX: one ScatterElements) and reads ``index_select`` (a Slice of
 the buffer's row view in ONNX) on flat buffers: both export to every backend and keep the graphs free of
 data-dependent shapes.
+
+Every cache is position-major, (B, positions, features): a buffer row after row with each position's
+channels together, a row state (B, W, F). A step reads a kernel window of a few positions and writes one
+position, so position-major makes each read or write one contiguous run per image; with the channels first
+the same window was a run of kw floats per channel and row, and at batch 256 those strided reads took half of
+an onnxruntime step (bundle format 6; formats 4-5 were channel-major).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from .layers import MaskedConv2d
 class CachedConv(nn.Module):
     """A MaskedConv2d applied one position (or one row) at a time over a rolling input buffer.
 
-    The buffer is flat, (B, I, rows * (W + 2p)), row after row, so that writing one column is a single
+    The buffer is flat, (B, rows * (W + 2p), I), row after row, so that writing one column is a single
     ``scatter_`` and reading one kernel window a single ``index_select``: a decoding step is dominated by
     the number of ops, not their arithmetic.
     """
@@ -61,22 +67,26 @@ class CachedConv(nn.Module):
         self.register_buffer("current", torch.tensor([(self.rows - 1) * self.stride + self.pad]), persistent=False)
 
     def buffer_shape(self) -> tuple[int, int]:
-        return self.conv.in_channels, self.rows * self.stride
+        return self.rows * self.stride, self.conv.in_channels
 
     def weight(self) -> torch.Tensor:
         return self.conv.masked_weight()[:, :, : self.rows]  # (O, I, rows, kw)
 
+    def grid(self, buf: torch.Tensor) -> torch.Tensor:
+        """The buffer as an image strip for a convolution: (B, I, rows, W + 2p)."""
+        return buf.reshape(buf.shape[0], self.rows, self.stride, buf.shape[2]).permute(0, 3, 1, 2)
+
     def roll(self, buf: torch.Tensor) -> torch.Tensor:
         """Drop the oldest row; the new current row starts as zero padding."""
-        return torch.cat([buf[:, :, self.stride :], torch.zeros_like(buf[:, :, : self.stride])], dim=2)
+        return torch.cat([buf[:, self.stride :], torch.zeros_like(buf[:, : self.stride])], dim=1)
 
     def write_row(self, buf: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         """Replace the current row with ``row`` (B, I, W)."""
-        padded = F.pad(row, (self.pad, self.pad))
+        padded = F.pad(row, (self.pad, self.pad)).transpose(1, 2)  # (B, W + 2p, I)
         if WriteLog.active is not None:
             WriteLog.active.record(buf, "span", (self.rows - 1) * self.stride, padded)
             return buf
-        return torch.cat([buf[:, :, : -self.stride], padded], dim=2)
+        return torch.cat([buf[:, : -self.stride], padded], dim=1)
 
     def indices(self, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(write index, window indices) for column j; layers of one geometry share them within a step."""
@@ -95,26 +105,26 @@ class CachedConv(nn.Module):
         # patch cost as much as the copy it replaces.
         earlier = entries[:-1] if column is not None else entries
         if earlier or not OnnxOps.active:
-            window = read_columns(buf, window_index, earlier).flatten(1)  # (B, I * rows * kw)
+            window = read_columns(buf, window_index, earlier).flatten(1)  # (B, rows * kw * I)
         else:
-            # In ONNX a Slice of the (B, I, rows, stride) view: onnxruntime's Gather along the last axis took
-            # 2.7x as long for the same window (measured at batch 256), and windows dominate a step there.
-            grid = buf.reshape(buf.shape[0], buf.shape[1], self.rows, self.stride)
+            # In ONNX a Slice of the (B, rows, stride, I) view: onnxruntime's Gather took 2.7x as long for
+            # the same window (measured at batch 256), and windows dominate a step there.
+            rows = buf.reshape(buf.shape[0], self.rows, self.stride, buf.shape[2])
             start: torch.Tensor | int = window_index[0]
             if OnnxOps.exporter == "dynamo":  # torch.export wants a bounded integer, the old tracer a tensor
                 start = int(start.item())
                 torch._check(start >= 0)
                 torch._check(start + self.kw <= self.stride)
-            window = torch.narrow(grid, 3, start, self.kw).flatten(1)
+            window = torch.narrow(rows, 2, start, self.kw).flatten(1)
         # Transposed weights fold into constants when the graph is frozen: one addmm per call.
         w = self.weight()
-        w_t = w.flatten(1).t()
+        w_t = w.permute(0, 2, 3, 1).flatten(1).t()  # (rows * kw * I, O), the window's order
         out = window @ w_t if self.conv.bias is None else torch.addmm(self.conv.bias, window, w_t)
         if column is not None:
             _, where, value = column
             hit = (window_index == where).to(w.dtype)  # (n,): one or no 1
             w_hit = (w.flatten(2) * hit).sum(2)  # (O, I)
-            old = read_columns(buf, where, earlier)[:, :, 0]  # (B, I)
+            old = read_columns(buf, where, earlier)[:, 0]  # (B, I)
             out = out + (value - old) @ w_hit.t()
         return out
 
@@ -137,20 +147,19 @@ class CachedConv(nn.Module):
         current row (the buffer holds the rows above it): -> (output (B, O, K, W), the buffer ``advance`` rows
         further down, 0 <= advance < K, as ``row`` leaves it there: the current row zero, or with
         ``keep_current`` the window's row at that position, for layers whose ``row`` fills it in)."""
-        b, i = buf.shape[0], buf.shape[1]
-        above = buf.reshape(b, i, self.rows, self.stride)[:, :, : self.rows - 1]
+        b, i = buf.shape[0], buf.shape[2]
+        above = self.grid(buf)[:, :, : self.rows - 1]
         grid = torch.cat([above, F.pad(rows, (self.pad, self.pad))], dim=2)  # (B, I, rows - 1 + K, stride)
         out = F.conv2d(grid, self.weight(), self.conv.bias)
         if keep_current:
             kept = dynamic_rows(grid, advance, self.rows)
         else:
             kept = torch.cat([dynamic_rows(grid, advance, self.rows - 1), torch.zeros_like(grid[:, :, :1])], dim=2)
-        return out, kept.reshape(b, i, self.rows * self.stride)
+        return out, kept.permute(0, 2, 3, 1).reshape(b, self.rows * self.stride, i)
 
     def row_out(self, buf: torch.Tensor) -> torch.Tensor:
         """The convolution's output along the whole current row: (B, O, W)."""
-        grid = buf.reshape(buf.shape[0], buf.shape[1], self.rows, self.stride)
-        return F.conv2d(grid, self.weight(), self.conv.bias)[:, :, 0]
+        return F.conv2d(self.grid(buf), self.weight(), self.conv.bias)[:, :, 0]
 
 
 class OnnxOps:
@@ -200,37 +209,37 @@ class WriteLog:
 
 
 def read_columns(buf: torch.Tensor, index: torch.Tensor, entries: list | None = None) -> torch.Tensor:
-    """buf[:, :, index] for buf (B, F, N) and index (n,), seeing the writes a WriteLog holds for buf (or
+    """buf[:, index] for buf (B, N, F) and index (n,), seeing the writes a WriteLog holds for buf (or
     ``entries``, a prefix of them)."""
-    got = buf.index_select(2, index)
+    got = buf.index_select(1, index)
     log = WriteLog.active
     if entries is None:
         entries = log.of(buf) if log is not None else []
     for kind, where, value in entries:
         if kind == "column":  # value (B, F) at the dynamic position ``where`` (1,)
-            got = torch.where((index == where)[None, None, :], value[:, :, None], got)
-        else:  # "span": value (B, F, L) at the static positions where .. where + L - 1
-            inside = (index >= where) & (index < where + value.shape[2])
-            picked = value.index_select(2, (index - where).clamp(0, value.shape[2] - 1))
-            got = torch.where(inside[None, None, :], picked, got)
+            got = torch.where((index == where)[None, :, None], value[:, None, :], got)
+        else:  # "span": value (B, L, F) at the static positions where .. where + L - 1
+            inside = (index >= where) & (index < where + value.shape[1])
+            picked = value.index_select(1, (index - where).clamp(0, value.shape[1] - 1))
+            got = torch.where(inside[None, :, None], picked, got)
     return got
 
 
 def write_column(buf: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """buf[:, :, index] = value, in place: buf (B, F, N), index (1,), value (B, F).
+    """buf[:, index] = value, in place: buf (B, N, F), index (1,), value (B, F).
 
-    Exported to ONNX as ``scatter_``, which both exporters turn into one ScatterElements on the last axis (the
-    dynamo exporter lowers ``index_copy_`` to a ScatterND between two transposes of the whole buffer: ONNX
-    cached decoding measured 1.5x slower at batch 64). Elsewhere ``index_copy_``, which libtorch runs 1.5x
-    faster than the expanded-index scatter at batch 16-64.
+    Exported to ONNX as ``scatter_``, which both exporters turn into one ScatterElements (the dynamo exporter
+    lowers ``index_copy_`` to a ScatterND between two transposes of the whole buffer: ONNX cached decoding
+    measured 1.5x slower at batch 64). Elsewhere ``index_copy_``, which libtorch runs 1.5x faster than the
+    expanded-index scatter at batch 16-64.
     """
     if WriteLog.active is not None:
         WriteLog.active.record(buf, "column", index.reshape(1), value)
         return buf
-    v = value[:, :, None]
+    v = value[:, None, :]
     if OnnxOps.active:
-        return buf.scatter_(2, index.reshape(1, 1, 1).expand_as(v), v)
-    return buf.index_copy_(2, index, v)
+        return buf.scatter_(1, index.reshape(1, 1, 1).expand_as(v), v)
+    return buf.index_copy_(1, index, v)
 
 
 def dynamic_rows(x: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:

@@ -213,12 +213,12 @@ class _IncrementalPixelRNN(IncrementalModel):
 
     @staticmethod
     def put(buf: torch.Tensor, j: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Column j of a (B, F, W) row buffer, in place."""
+        """Column j of a (B, W, F) row buffer, in place."""
         return write_column(buf, j, value)
 
     @staticmethod
     def get(buf: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        return read_columns(buf, j)[:, :, 0]
+        return read_columns(buf, j)[:, 0]
 
 
 class IncrementalRowLSTM(_IncrementalPixelRNN):
@@ -233,8 +233,8 @@ class IncrementalRowLSTM(_IncrementalPixelRNN):
         c = self.config
         specs: list[tuple[str, tuple[int, ...]]] = [("input", self.input_conv.buffer_shape())]
         for i, conv in enumerate(self.is_convs):
-            specs += [(f"is{i}", conv.buffer_shape()), (f"h{i}", (c.hidden, c.width)), (f"c{i}", (c.hidden, c.width)),
-                      (f"cprev{i}", (c.hidden, c.width)), (f"ss{i}", (4 * c.hidden, c.width))]
+            specs += [(f"is{i}", conv.buffer_shape()), (f"h{i}", (c.width, c.hidden)), (f"c{i}", (c.width, c.hidden)),
+                      (f"cprev{i}", (c.width, c.hidden)), (f"ss{i}", (c.width, 4 * c.hidden))]
         return specs
 
     def row(self, x_prev_row, has_prev, caches, labels=None):  # type: ignore[no-untyped-def]
@@ -243,7 +243,7 @@ class IncrementalRowLSTM(_IncrementalPixelRNN):
         for i in range(len(self.is_convs)):
             _, h, c, _, _ = caches[1 + 5 * i : 6 + 5 * i]
             # The finished row becomes the previous row; its K_ss term serves every pixel of the new row.
-            ss = m.state_to_state[i](h)
+            ss = m.state_to_state[i](h.transpose(1, 2)).transpose(1, 2).contiguous()
             out += [torch.zeros_like(caches[1 + 5 * i]), torch.zeros_like(h), torch.zeros_like(c), c, ss]
         return out
 
@@ -268,7 +268,7 @@ class IncrementalDiagonalBiLSTM(_IncrementalPixelRNN):
 
     def cache_specs(self) -> list[tuple[str, tuple[int, ...]]]:
         c = self.config
-        hw, w1 = (c.hidden, c.width), (c.hidden, c.width + 1)
+        hw, w1 = (c.width, c.hidden), (c.width + 1, c.hidden)
         specs: list[tuple[str, tuple[int, ...]]] = [("input", self.input_conv.buffer_shape())]
         for i in range(c.layers):
             specs += [(f"fh{i}", w1), (f"fc{i}", w1), (f"fup{i}", hw), (f"inp{i}", hw), (f"bup{i}", hw)]
@@ -297,8 +297,9 @@ class IncrementalDiagonalBiLSTM(_IncrementalPixelRNN):
         for i in range(self.config.layers):
             fh, fc, _, inp, bup = caches[1 + 5 * i : 6 + 5 * i]
             # Right-to-left states of the finished row (zero before the first row): this row's shifted output.
-            bwd = self._backward_row(i, inp, bup) * has_prev
-            out += [torch.zeros_like(fh), torch.zeros_like(fc), fh[:, :, 1:], torch.zeros_like(inp), bwd]
+            bwd = self._backward_row(i, inp.transpose(1, 2), bup.transpose(1, 2)) * has_prev
+            out += [torch.zeros_like(fh), torch.zeros_like(fc), fh[:, 1:].contiguous(), torch.zeros_like(inp),
+                    bwd.transpose(1, 2).contiguous()]
         return out
 
     def step(self, x_row, j, caches, labels=None):  # type: ignore[no-untyped-def]

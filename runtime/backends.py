@@ -118,6 +118,9 @@ def check_onnx_signature(sess: Any, spec: Any, path: Any, *, exact: bool = True)
             raise BundleError(f"{path}: {arg.name!r} has shape {arg.shape} in the graph but {shape} in the manifest")
 
 
+UpdatePlan = list[tuple[int, str, str, str | None, int | None, int]]
+
+
 class OnnxStepper:
     """Cached decoding on onnxruntime. On CUDA the caches stay on the device as OrtValues bound with I/O
     binding, so a step copies only the current row in and one pixel's log-probabilities out."""
@@ -134,12 +137,13 @@ class OnnxStepper:
         # On the CPU, the step_updates graph returns only what a step writes; the writes go into the numpy
         # caches in place, so a step's I/O does not grow with the caches (see step()).
         entry = backend.bundle.manifest["graphs"].get("step_updates.onnx")
-        self.update_plan: list[tuple[int, str, str, str | None, int | None]] | None = None
+        self.update_plan: UpdatePlan | None = None
         if entry is not None and not self.on_gpu:
             self.updates_sess = backend.session("step_updates")
             position = {name[len("cache_"):]: i for i, (name, _) in enumerate(self.caches_spec)}
-            self.update_plan = [(position[u["cache"]], u["kind"], u["value"], u["index"], u["offset"])
-                                for u in entry["updates"]]
+            # Formats 4-5 kept the caches channel-major and wrote along their last axis (no "axis" field).
+            self.update_plan = [(position[u["cache"]], u["kind"], u["value"], u["index"], u["offset"],
+                                 u.get("axis", 2)) for u in entry["updates"]]
             self.update_outputs = [o.name for o in self.updates_sess.get_outputs()]
 
     # step_updates from this batch size on (measured on the 64x8 PixelCNN, seconds per batch, full-cache
@@ -188,13 +192,24 @@ class OnnxStepper:
             self.caches = out[1:]
             return out[0]
         values = dict(zip(self.update_outputs, self._run(self.updates_sess, first, 0), strict=True))
-        for cache, kind, value, index, offset in self.update_plan or ():
-            buf, v = self.caches[cache], values[value]
-            if kind == "column":
-                buf[:, :, int(values[index][0])] = v  # type: ignore[index]
-            else:
-                buf[:, :, offset : offset + v.shape[2]] = v
+        apply_updates(self.caches, self.update_plan or [], values)
         return values["log_probs"]
+
+
+def apply_updates(caches: list[np.ndarray], plan: UpdatePlan, values: dict[str, np.ndarray]) -> None:
+    """Apply a ``step_updates`` call's writes to the caches in place, in the manifest's order: per entry
+    (cache position, kind, value output, index output, offset, position axis). Bundle format 6 writes along
+    axis 1 of (B, N, F) caches, formats 4-5 along axis 2 of (B, F, N) ones."""
+    for cache, kind, value, index, offset, axis in plan:
+        buf, v = caches[cache], values[value]
+        if kind == "column":
+            at: Any = int(values[index][0])  # type: ignore[index]
+        else:
+            at = slice(offset, offset + v.shape[axis])
+        if axis == 1:
+            buf[:, at] = v
+        else:
+            buf[:, :, at] = v
 
 
 class TorchScriptBackend:

@@ -18,8 +18,8 @@ from .errors import BundleError
 from .randomness import SCHEME
 
 BUNDLE_FORMAT = "genforge-bundle"
-BUNDLE_VERSION = 5  # what the exporter writes; docs/bundle.md says what each version changed
-READABLE_VERSIONS = (1, 2, 3, 4, 5)  # 1 and 2 lack only optional fields, and may list inputs an ONNX file lacks
+BUNDLE_VERSION = 6  # what the exporter writes; docs/bundle.md says what each version changed
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # 1 and 2 lack only optional fields, and may list inputs an ONNX file lacks
 MANIFEST = "manifest.json"
 GRAPH_FORMATS = ("onnx", "torchscript")
 

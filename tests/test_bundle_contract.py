@@ -320,6 +320,7 @@ def test_step_updates_decode_the_cached_images(family_bundles, name: str, fresh_
     outputs = {o["name"] for o in entry["outputs"]}
     assert entry["role"] == "step_updates" and entry["updates"]
     assert all(u["value"] in outputs and (u["index"] in outputs) == (u["kind"] == "column") for u in entry["updates"])
+    assert all(u["axis"] == 1 for u in entry["updates"])  # format 6: position-major caches
     full = load(bundle, backend="onnx").sample(4, seed=fresh_seed, decoder="cached")
     monkeypatch.setattr(OnnxStepper, "updates_min_batch", 1)
     s = load(bundle, backend="onnx")
@@ -332,3 +333,55 @@ def test_step_updates_decode_the_cached_images(family_bundles, name: str, fresh_
     rows = s.image_shape[0] // 2
     np.testing.assert_array_equal(s.complete(full[::-1], rows, seed=1, decoder="cached"),
                                   load(bundle, backend="torchscript").complete(full[::-1], rows, seed=1))
+
+
+@pytest.mark.parametrize("name", ["pixelcnn", "gated-pixelcnn", "row-lstm", "diagonal-bilstm"])
+def test_step_updates_leave_the_caches_step_returns(family_bundles, name: str, fresh_seed: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cache by cache, the writes applied in place equal the caches the full-cache step returns, after a
+    row and some steps on random rows (not only the images they lead to)."""
+    from genforge.runtime.backends import OnnxStepper
+
+    monkeypatch.setattr(OnnxStepper, "updates_min_batch", 1)
+    s = load(family_bundles[name], backend="onnx")
+    rng = np.random.default_rng(fresh_seed)
+    c, _, w = (s.image_shape[2], s.image_shape[0], s.image_shape[1])
+    labels = None if not s.num_classes else rng.integers(0, s.num_classes, 3)
+    steppers = [s.backend.stepper(), s.backend.stepper()]
+    steppers[1].update_plan = None  # the full-cache step
+    for st in steppers:
+        st.reset(3, labels)
+    assert steppers[0].use_updates and not steppers[1].use_updates
+    prev, row = (rng.integers(0, 2, (3, c, w)).astype(np.float32) for _ in range(2))
+    lps = []
+    for st in steppers:
+        st.row(prev, True)
+        lps.append([st.step(row, j) for j in range(w)])
+    np.testing.assert_allclose(np.array(lps[0]), np.array(lps[1]), rtol=1e-5, atol=1e-5)
+    changed = 0
+    for a, b, (cname, shape) in zip(steppers[0].caches, steppers[1].caches, steppers[0].caches_spec, strict=True):
+        assert a.shape == (3, *shape), cname
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=cname)
+        changed += int(np.abs(b).max() > 0)
+    assert changed >= 2  # the steps wrote something for the comparison to see
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_apply_updates_writes_along_the_stated_axis(axis: int) -> None:
+    """Format 6 writes along axis 1 of (B, N, F) caches; formats 4-5 along axis 2 of (B, F, N)."""
+    from genforge.runtime.backends import apply_updates
+
+    rng = np.random.default_rng(0)
+    b, f, n = 2, 3, 10
+    shape = (b, n, f) if axis == 1 else (b, f, n)
+    cache = rng.standard_normal(shape).astype(np.float32)
+    expect = cache.copy()
+    col = rng.standard_normal((b, f)).astype(np.float32)
+    span = rng.standard_normal((b, 4, f) if axis == 1 else (b, f, 4)).astype(np.float32)
+    if axis == 1:
+        expect[:, 7], expect[:, 2:6] = col, span
+    else:
+        expect[:, :, 7], expect[:, :, 2:6] = col, span
+    plan = [(0, "column", "v0", "i0", None, axis), (0, "span", "v1", None, 2, axis)]
+    apply_updates([cache], plan, {"v0": col, "i0": np.array([7]), "v1": span})
+    np.testing.assert_array_equal(cache, expect)

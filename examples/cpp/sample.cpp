@@ -82,8 +82,8 @@ int main(int argc, char** argv) try {
 
   json m = json::parse(std::ifstream(dir + "/manifest.json"));
   if (m["format"] != "genforge-bundle") throw std::runtime_error(dir + ": not a genforge bundle");
-  if (m["version"] != 4 && m["version"] != 5)
-    throw std::runtime_error("bundle format version " + m["version"].dump() + "; this reads 4 and 5");
+  if (m["version"] != 4 && m["version"] != 5 && m["version"] != 6)
+    throw std::runtime_error("bundle format version " + m["version"].dump() + "; this reads 4 to 6");
   if (m["randomness"]["name"] != "philox4x32-10" || m["randomness"]["version"] != 1)
     throw std::runtime_error("unknown randomness scheme " + m["randomness"].dump());
   if (m["family"] != "autoregressive") throw std::runtime_error("this client samples autoregressive bundles");

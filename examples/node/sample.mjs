@@ -68,7 +68,7 @@ function inverseCdf(logProbs, offset, K, u) {
 function readManifest(dir) {
   const m = JSON.parse(readFileSync(join(dir, "manifest.json"), "utf8"));
   if (m.format !== "genforge-bundle") throw new Error(`${dir}: not a genforge bundle`);
-  if (m.version !== 4 && m.version !== 5) throw new Error(`${dir}: bundle format version ${m.version}; this client reads 4 and 5`);
+  if (![4, 5, 6].includes(m.version)) throw new Error(`${dir}: bundle format version ${m.version}; this client reads 4 to 6`);
   const r = m.randomness;
   if (r.name !== "philox4x32-10" || r.version !== 1) throw new Error(`unknown randomness ${JSON.stringify(r)}`);
   if (m.family !== "autoregressive") throw new Error(`this client samples autoregressive bundles, not ${m.family}`);
