@@ -174,9 +174,8 @@ class IncrementalGatedPixelCNN(IncrementalModel):
             if i == 0:
                 h_pre = first.at(x_buf, j)
             else:
-                buf = self.h_convs[i].write_col(hbufs[i - 1], j, h)
+                buf, h_pre = self.h_convs[i].write_col_at(hbufs[i - 1], j, h)
                 new_h.append(buf)
-                h_pre = self.h_convs[i].at(buf, j)
             h_pre = h_pre + link[i].index_select(1, j.reshape(1))[:, 0]
             cond = self._cond(layer, labels)
             if cond is not None:

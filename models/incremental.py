@@ -65,6 +65,9 @@ class CachedConv(nn.Module):
         taps = torch.arange(self.rows)[:, None] * self.stride + torch.arange(kw)[None, :]
         self.register_buffer("taps", taps.reshape(-1), persistent=False)
         self.register_buffer("current", torch.tensor([(self.rows - 1) * self.stride + self.pad]), persistent=False)
+        off_centre = torch.ones(self.rows, kw)
+        off_centre[self.rows - 1, self.pad] = 0.0
+        self.register_buffer("off_centre", off_centre, persistent=False)
 
     def buffer_shape(self) -> tuple[int, int]:
         return self.rows * self.stride, self.conv.in_channels
@@ -95,46 +98,55 @@ class CachedConv(nn.Module):
     def write_at(self, buf: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         return write_column(buf, index, value)
 
+    def read_window(self, buf: torch.Tensor, window_index: torch.Tensor, entries: list) -> torch.Tensor:
+        """The kernel window at ``window_index`` as (B, rows * kw * I), seeing the recorded writes ``entries``."""
+        if entries or not OnnxOps.active:
+            return read_columns(buf, window_index, entries).flatten(1)
+        # In ONNX a Slice of the (B, rows, stride, I) view: onnxruntime's Gather took 2.7x as long for the same
+        # window (measured at batch 256), and windows dominate a step there.
+        rows = buf.reshape(buf.shape[0], self.rows, self.stride, buf.shape[2])
+        start: torch.Tensor | int = window_index[0]
+        if OnnxOps.exporter == "dynamo":  # torch.export wants a bounded integer, the old tracer a tensor
+            start = int(start.item())
+            torch._check(start >= 0)
+            torch._check(start + self.kw <= self.stride)
+        return torch.narrow(rows, 2, start, self.kw).flatten(1)
+
     def at_window(self, buf: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
         log = WriteLog.active
-        entries = log.of(buf) if log is not None else []
-        column = entries[-1] if entries and entries[-1][0] == "column" else None
-        # A column written in this step (the usual case: write_at, then the window around it) is folded in
-        # after the product rather than patched into the (B, I, n) window: out += (new - old) @ W[:, :, hit],
-        # with ``hit`` the window position it falls on (none: a zero correction). A batch-sized elementwise
-        # patch cost as much as the copy it replaces.
-        earlier = entries[:-1] if column is not None else entries
-        if earlier or not OnnxOps.active:
-            window = read_columns(buf, window_index, earlier).flatten(1)  # (B, rows * kw * I)
-        else:
-            # In ONNX a Slice of the (B, rows, stride, I) view: onnxruntime's Gather took 2.7x as long for
-            # the same window (measured at batch 256), and windows dominate a step there.
-            rows = buf.reshape(buf.shape[0], self.rows, self.stride, buf.shape[2])
-            start: torch.Tensor | int = window_index[0]
-            if OnnxOps.exporter == "dynamo":  # torch.export wants a bounded integer, the old tracer a tensor
-                start = int(start.item())
-                torch._check(start >= 0)
-                torch._check(start + self.kw <= self.stride)
-            window = torch.narrow(rows, 2, start, self.kw).flatten(1)
+        window = self.read_window(buf, window_index, log.of(buf) if log is not None else [])
         # Transposed weights fold into constants when the graph is frozen: one addmm per call.
+        w_t = self.weight().permute(0, 2, 3, 1).flatten(1).t()  # (rows * kw * I, O), the window's order
+        return window @ w_t if self.conv.bias is None else torch.addmm(self.conv.bias, window, w_t)
+
+    def write_col_at(
+        self, buf: torch.Tensor, j: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set column j of the current row to ``value`` (B, I), in place, then ``at(buf, j)``: (the buffer, the
+        output at column j). In place because an out-of-place copy of the whole buffer would dominate a step;
+        the caches belong to the decoding loop, which hands each step's outputs back in."""
+        return self.write_at_window(buf, *self.indices(j), value)
+
+    def write_at_window(
+        self, buf: torch.Tensor, index: torch.Tensor, window_index: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``write_at(buf, index, value)`` then ``at_window(buf, window_index)``, for (index, window_index) from
+        one ``indices(j)``: the write lands on the window's centre tap of its current row.
+
+        While a WriteLog records, the written column is folded in after the product instead of patched into
+        the window: out = (window before the write) @ W with the centre tap zeroed + value @ W's centre tap,
+        both weight matrices constants once the graph is frozen (a batch-sized patch of the window, or a
+        correction that reads the old column back, cost as much as the cache copy the log saves)."""
+        log = WriteLog.active
+        if log is None:
+            buf = self.write_at(buf, index, value)
+            return buf, self.at_window(buf, window_index)
+        window = self.read_window(buf, window_index, log.of(buf))
         w = self.weight()
-        w_t = w.permute(0, 2, 3, 1).flatten(1).t()  # (rows * kw * I, O), the window's order
-        out = window @ w_t if self.conv.bias is None else torch.addmm(self.conv.bias, window, w_t)
-        if column is not None:
-            _, where, value = column
-            hit = (window_index == where).to(w.dtype)  # (n,): one or no 1
-            w_hit = (w.flatten(2) * hit).sum(2)  # (O, I)
-            old = read_columns(buf, where, earlier)[:, 0]  # (B, I)
-            out = out + (value - old) @ w_hit.t()
-        return out
-
-    def write_col(self, buf: torch.Tensor, j: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Set column j of the current row to ``value`` (B, I), in place.
-
-        In place because an out-of-place copy of the whole buffer would dominate a step; the caches belong to
-        the decoding loop, which hands each step's outputs back in. (ONNX export turns this into a scatter.)
-        """
-        return self.write_at(buf, self.current + j, value)
+        centre = w[:, :, self.rows - 1, self.pad]  # (O, I)
+        w_t = (w * self.off_centre).permute(0, 2, 3, 1).flatten(1).t()
+        at_centre = value @ centre.t() if self.conv.bias is None else torch.addmm(self.conv.bias, value, centre.t())
+        return self.write_at(buf, index, value), torch.addmm(at_centre, window, w_t)
 
     def at(self, buf: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """The convolution's output at column j of the current row: (B, O)."""

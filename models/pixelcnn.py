@@ -107,9 +107,8 @@ class IncrementalPixelCNN(IncrementalModel):
         for block, cached, buf in zip(m.blocks, self.block_convs, caches[1:], strict=True):
             write, window = shared  # type: ignore[misc]
             y = F.relu(pointwise(block.reduce, F.relu(h)))
-            buf = cached.write_at(buf, write, y)
+            buf, y = cached.write_at_window(buf, write, window, y)
             new.append(buf)
-            y = cached.at_window(buf, window)
             h = h + pointwise(block.expand, F.relu(y))
         out = m.output_params_at(h)  # (B, P * C)
         return self.head_log_probs(out), new

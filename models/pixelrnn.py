@@ -253,8 +253,8 @@ class IncrementalRowLSTM(_IncrementalPixelRNN):
         new = [buf0]
         for i, conv in enumerate(self.is_convs):
             isb, hb, cb, cprev, ss = caches[1 + 5 * i : 6 + 5 * i]
-            isb = conv.write_col(isb, j, h)
-            gates = conv.at(isb, j) + self.get(ss, j)
+            isb, gates = conv.write_col_at(isb, j, h)
+            gates = gates + self.get(ss, j)
             h_new, c_new = lstm_cell(gates, self.get(cprev, j))
             new += [isb, self.put(hb, j, h_new), self.put(cb, j, c_new), cprev, ss]
             h = h + pointwise(m.residual[i], h_new)
