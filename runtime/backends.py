@@ -146,10 +146,10 @@ class OnnxStepper:
                                  u.get("axis", 2)) for u in entry["updates"]]
             self.update_outputs = [o.name for o in self.updates_sess.get_outputs()]
 
-    # step_updates from this batch size on (measured on the 64x8 PixelCNN, seconds per batch, full-cache
-    # step / step_updates: 0.227 / 0.254 at 32, 0.399 / 0.371 at 64, 2.11 / 1.49 at 256): below it, applying
-    # the writes from Python and the graph's extra nodes cost more than the cache copies they save.
-    updates_min_batch = 48
+    # step_updates from this batch size on (measured on the trained 64x8 PixelCNN, format 6, seconds per batch,
+    # full-cache step / step_updates: 0.299 / 0.316 at 1, 0.238 / 0.225 at 4, 0.385 / 0.276 at 16, 0.616 /
+    # 0.352 at 32): below it, applying the writes from Python costs about what the cache copies it saves.
+    updates_min_batch = 4
 
     def reset(self, batch: int, labels: np.ndarray | None) -> None:
         self.use_updates = self.update_plan is not None and batch >= self.updates_min_batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from types import TracebackType
@@ -24,6 +25,7 @@ class Progress:
         self._bar: Any = None
         self._start = self._last = time.monotonic()
         self._postfix: dict[str, Any] = {}
+        self._lock = threading.Lock()  # decoders update one bar from several threads (sampler._decode)
         if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
@@ -33,6 +35,10 @@ class Progress:
                 self._bar = None
 
     def update(self, n: int = 1, **postfix: Any) -> None:
+        with self._lock:
+            self._update(n, postfix)
+
+    def _update(self, n: int, postfix: dict[str, Any]) -> None:
         self.n += n
         self._postfix.update(postfix)
         if not self.enabled:

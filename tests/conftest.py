@@ -37,9 +37,16 @@ AUTOREGRESSIVE = ("pixelcnn", "gated-pixelcnn", "row-lstm", "diagonal-bilstm", "
 
 
 @pytest.fixture(scope="session")
-def family_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def family_bundles(family_runs: dict[str, tuple[Path, Path]]) -> dict[str, Path]:
     """A bundle (ONNX and TorchScript) of each kind of graph set: PixelCNN; gated, conditional (its ONNX row
     drops caches); Row LSTM; Diagonal BiLSTM; a colour PixelCNN with a logistic-mixture head; VAE; GAN."""
+    return {name: bundle for name, (_, bundle) in family_runs.items()}
+
+
+@pytest.fixture(scope="session")
+def family_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """(run directory, bundle) of family_bundles' models, 8x8 with 4 levels but the colour one; exported once
+    per session because the exports dominate the suite's time. Tests must not change these directories."""
     import numpy as np
     from PIL import Image
 
@@ -62,5 +69,5 @@ def family_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 else DataSpec(levels=4, conditional=name == "gated-pixelcnn"))
         run = train_run(model=name.removesuffix("-rgb"), data=data, model_overrides=overrides, out=root / name,
                         progress=False, train=TrainConfig(steps=1, batch_size=16, n_samples=0, eval_limit=8))
-        out[name] = export_run(run.run_dir, root / f"{name}-bundle", formats=("onnx", "torchscript"))
+        out[name] = (run.run_dir, export_run(run.run_dir, root / f"{name}-bundle", formats=("onnx", "torchscript")))
     return out

@@ -19,27 +19,15 @@ from genforge.cli.main import export_command, sample_command
 from genforge.export import ExportError, export_run
 from genforge.runtime import BundleError, InputError, load, read_bundle
 from genforge.runtime.bundle import BUNDLE_VERSION
-from genforge.train import DataSpec, TrainConfig, load_run, train_run
+from genforge.train import load_run
 from genforge.train.objectives import objective_for
-
-TINY = {"hidden": 6, "layers": 1, "output_hidden": 6}
-
-
-def _train(root: Path, name: str, model: str, conditional: bool) -> Path:
-    return train_run(model=model, data=DataSpec(levels=4, conditional=conditional), model_overrides=TINY,
-                     train=TrainConfig(steps=15, batch_size=32, n_samples=0, eval_limit=16),
-                     out=root / name, progress=False).run_dir
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    """(run dir, bundle with both formats) for an unconditional PixelCNN and a conditional gated one."""
-    root = tmp_path_factory.mktemp("export")
-    out = {}
-    for key, model, cond in (("pixelcnn", "pixelcnn", False), ("gated-cond", "gated-pixelcnn", True)):
-        run = _train(root, key, model, cond)
-        out[key] = (run, export_run(run, root / f"{key}-bundle", formats=("onnx", "torchscript")))
-    return out
+def runs(family_runs: dict[str, tuple[Path, Path]]) -> dict[str, tuple[Path, Path]]:
+    """(run dir, bundle with both formats) for an unconditional PixelCNN and a conditional gated one, 8x8 with
+    4 levels (the session's shared exports)."""
+    return {"pixelcnn": family_runs["pixelcnn"], "gated-cond": family_runs["gated-pixelcnn"]}
 
 
 @pytest.mark.parametrize("key", ["pixelcnn", "gated-cond"])
@@ -275,3 +263,22 @@ def test_gen_sample_command_runs_with_torch_blocked(runs, tmp_path: Path) -> Non
     subprocess.run([sys.executable, str(script), str(bundle), str(tmp_path / "s.npz")], check=True)
     with np.load(tmp_path / "s.npz") as z:
         np.testing.assert_array_equal(z["images"], load(bundle).sample(3))
+
+
+def test_cached_decoding_split_between_threads_draws_the_same_images(runs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large ONNX batches decode in one thread per core (sampler.cached_threads); the slices must come back
+    in order with their own labels, prefixes and uniforms."""
+    import genforge.runtime.sampler as sampler
+
+    _, bundle = runs["gated-cond"]
+    s = load(bundle, backend="onnx", device="cpu")
+    labels = np.arange(9) % 10
+    one = s.sample(9, seed=5, labels=labels, batch_size=9)
+    part = s.complete(one[::-1], 3, seed=2, labels=labels, batch_size=9)
+    monkeypatch.setattr(sampler, "CACHED_THREAD_MIN_IMAGES", 4)
+    monkeypatch.setattr(sampler.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert sampler.cached_threads(9, "onnx", "cpu") == 2 and sampler.cached_threads(12, "onnx", "cpu") == 3
+    assert sampler.cached_threads(9, "torchscript", "cpu") == 1 and sampler.cached_threads(3, "onnx", "cpu") == 1
+    np.testing.assert_array_equal(s.sample(9, seed=5, labels=labels, batch_size=9), one)
+    np.testing.assert_array_equal(s.complete(one[::-1], 3, seed=2, labels=labels, batch_size=9), part)
+    assert not np.array_equal(one[:4], one[4:8])  # the slices are different images
