@@ -13,7 +13,8 @@ with one pre-drawn uniform per sub-pixel, see randomness.py), hence the same ima
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -116,6 +117,31 @@ def cached_decode(
         if progress is not None:
             progress.update(b)
     return _finish(x, levels)
+
+
+def split_cached_decode(
+    steppers: Sequence[Stepper],
+    u: np.ndarray,
+    *,
+    labels: np.ndarray | None = None,
+    levels: int,
+    prefix: np.ndarray | None = None,
+    start_row: int = 0,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """``cached_decode`` with the batch split into ``len(steppers)`` slices decoded at once, one thread and one
+    stepper (its own caches) each: images are independent, and onnxruntime releases the GIL while a graph
+    runs, so single-threaded step graphs use one core per slice."""
+    if len(steppers) == 1:
+        return cached_decode(steppers[0], u, labels=labels, levels=levels, prefix=prefix, start_row=start_row,
+                             progress=progress)
+    bounds = np.linspace(0, len(u), len(steppers) + 1).astype(int)
+    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    with ThreadPoolExecutor(len(steppers)) as pool:
+        done = [pool.submit(cached_decode, st, u[sl], labels=None if labels is None else labels[sl], levels=levels,
+                            prefix=None if prefix is None else prefix[sl], start_row=start_row, progress=progress)
+                for st, sl in zip(steppers, slices, strict=True)]
+        return np.concatenate([f.result() for f in done])
 
 
 def parallel_decode(

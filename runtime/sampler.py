@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numbers
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .backends import Backend, cache_inputs
 from .bundle import Bundle
-from .decoding import WindowFn, cached_decode, naive_decode, parallel_decode, window_decode
+from .decoding import WindowFn, naive_decode, parallel_decode, split_cached_decode, window_decode
 from .errors import InputError
 from .latent import levels_from_log_probs, levels_from_mean
 from .progress import Progress, chunks
@@ -98,17 +97,20 @@ DECODERS = ("cached", "naive", "graph", "parallel")
 # decoder="auto" on the CPU, from benchmarks/decoding.py on a trained binarized-MNIST PixelCNN (README,
 # "Performance"). Windowed parallel decoding (bundles with a window graph: the PixelCNNs) costs passes x a few
 # rows of the batch; cached decoding ~100 tiny operations per sub-pixel whatever the batch, so parallel wins at
-# small batches, up to WINDOW_PARALLEL_MAX_BATCH[backend]: on ONNX it won up to 32 in three runs and tied or
-# lost by 8% at 64; on TorchScript it won at 1 and 4 in three runs, at 16 in two of them (1.4-1.7x) and lost in
-# the third (1.2x), so 4. Whole-forward parallel decoding (the PixelRNNs) costs passes x a whole forward pass
-# and wins at batch 1 on ONNX only (2.3x there, 1.26x slower at batch 4; TorchScript's forward pass is ~4x
-# slower than onnxruntime's). On the GPU the fused Triton decoders are the default.
+# small batches, up to WINDOW_PARALLEL_MAX_BATCH[backend]. Measured on the trained 64x8 PixelCNN after cached
+# decoding got contiguous caches and step_updates from batch 4 (bundle format 6), parallel against cached: ONNX
+# 5.8x at batch 1, 2.4x at 4, 1.18x at 8, 0.74x at 16; TorchScript 4.3x, 1.8x, 1.33x, 0.95x; so 8 on both (it
+# was 32 on ONNX while cached ONNX steps copied every cache). Whole-forward parallel decoding (the PixelRNNs)
+# costs passes x a whole forward pass and wins at batch 1 on ONNX only (1.4x there, 0.6x at batch 4;
+# TorchScript's forward pass is ~4x slower than onnxruntime's). On the GPU the fused Triton decoders are the
+# default.
 PARALLEL_MAX_BATCH = 1
+WINDOW_PARALLEL_MAX_BATCH = {"onnx": 8, "torchscript": 8}
 
 # Cached decoding on the ONNX CPU backend runs its step graphs single-threaded (a step is a chain of tiny ops,
 # where intra-op threads only synchronize), so with CACHED_THREAD_MIN_IMAGES images or more per thread it
-# splits the batch between threads, one per core. On 2 cores (trained 64x8 PixelCNN, one thread against two,
-# medians of 3): 1.37x faster at batch 256, 1.06x at 128, 0.89x at 64.
+# splits the batch between threads, one per core. On 2 cores (trained 64x8 PixelCNN, one thread against two
+# alternating in one process, medians): 1.25-1.6x faster at batch 256 in six runs, 1.06x at 128, 0.89x at 64.
 CACHED_THREAD_MIN_IMAGES = 128
 
 
@@ -118,7 +120,6 @@ def cached_threads(batch: int, backend: str, device: str) -> int:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, batch // CACHED_THREAD_MIN_IMAGES))
-WINDOW_PARALLEL_MAX_BATCH = {"onnx": 32, "torchscript": 4}
 
 
 def auto_decoder(available: list[str], batch: int, backend: str, device: str, *, windowed: bool = False) -> str:
@@ -170,20 +171,10 @@ class AutoregressiveSampler(Sampler):
         if decoder == "cached" and self.backend.fused:
             return self.backend.decode_images(u, labels, prefix, start_row)  # type: ignore[attr-defined]
         if decoder == "cached":
-            parts = cached_threads(len(u), self.backend.name, self.backend.device)
-            if parts == 1:
-                return cached_decode(self.backend.stepper(), u, labels=labels, levels=self.levels, prefix=prefix,
-                                     start_row=start_row, progress=bar)
-            # Images are independent: each thread decodes a slice of the batch with its own stepper (its own
-            # caches) on the shared sessions; onnxruntime releases the GIL while a graph runs.
-            bounds = np.linspace(0, len(u), parts + 1).astype(int)
-            slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-            steppers = [self.backend.stepper() for _ in slices]
-            with ThreadPoolExecutor(parts) as pool:
-                done = [pool.submit(cached_decode, st, u[sl], labels=None if labels is None else labels[sl],
-                                    levels=self.levels, prefix=None if prefix is None else prefix[sl],
-                                    start_row=start_row, progress=bar) for st, sl in zip(steppers, slices, strict=True)]
-                return np.concatenate([f.result() for f in done])
+            steppers = [self.backend.stepper()
+                        for _ in range(cached_threads(len(u), self.backend.name, self.backend.device))]
+            return split_cached_decode(steppers, u, labels=labels, levels=self.levels, prefix=prefix,
+                                       start_row=start_row, progress=bar)
         if decoder == "parallel":
             stats: dict = {}
             window = self._window()
