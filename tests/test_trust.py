@@ -373,7 +373,7 @@ def test_a_trained_model_exports_at_the_default_tolerance(tmp_path: Path, monkey
     run = train_run(model=model, data=DataSpec(levels=levels), out=tmp_path / "run", progress=False,
                     model_overrides={"hidden": 16, "layers": 2, "output_hidden": 16, "likelihood": likelihood},
                     train=TrainConfig(steps=100, batch_size=32, lr=1e-2, n_samples=0, eval_limit=16)).run_dir
-    bundle = export_run(run, tmp_path / "b", formats=("onnx", "torchscript"))  # default tolerance 1e-4
+    bundle = export_run(run, tmp_path / "b")  # ONNX, at the default tolerance 1e-4: the exporter whose ops differ
     parity = json.loads((bundle / "manifest.json").read_text())["parity"]
     # The sigmoid heads stay far inside the tolerance (measured ~2e-6); the gaussian's bin masses are
     # differences of nearby CDF values, and random step caches took it to 5e-5 at worst over 60 seeds.
