@@ -266,7 +266,9 @@ def main() -> None:
         "command": "python benchmarks/decoding.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("work_dir", "data_path")),
         "device": {"kind": "cpu", "processor": platform.processor() or platform.machine(),
-                   "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+                   "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                   "onnxruntime_threads": "1 per run of row, step, step_updates (cached decoding splits a batch "
+                                          "between threads: cached_threads); default for the others"},
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                      "python": platform.python_version()},
         "model": {"name": "pixelcnn", "image": [args.size, args.size, 1], "hidden": args.hidden,
@@ -290,8 +292,6 @@ def with_auto(result: dict[str, Any]) -> dict[str, Any]:
         r["auto"] = auto_decoder(have, r["batch"], r["backend"], "cpu", windowed=True)
         auto_s = r["parallel_s"] if r["auto"] == "parallel" else r["cached_s"]
         r["auto_vs_best_of_parallel_and_cached"] = auto_s / min(r["parallel_s"], r["cached_s"])
-    result["device"]["onnxruntime_threads"] = ("1 per run of row, step, step_updates (cached decoding splits a "
-                                               "batch between threads: cached_threads); default for the others")
     result["window_parallel_max_batch_for_auto"] = WINDOW_PARALLEL_MAX_BATCH
     result["parallel_max_batch_for_auto"] = PARALLEL_MAX_BATCH
     return result

@@ -25,7 +25,7 @@ class Progress:
         self._bar: Any = None
         self._start = self._last = time.monotonic()
         self._postfix: dict[str, Any] = {}
-        self._lock = threading.Lock()  # decoders update one bar from several threads (sampler._decode)
+        self._lock = threading.Lock()  # decoding.split_cached_decode updates one bar from several threads
         if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm

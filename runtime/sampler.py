@@ -98,9 +98,10 @@ DECODERS = ("cached", "naive", "graph", "parallel")
 # "Performance"). Windowed parallel decoding (bundles with a window graph: the PixelCNNs) costs passes x a few
 # rows of the batch; cached decoding ~100 tiny operations per sub-pixel whatever the batch, so parallel wins at
 # small batches, up to WINDOW_PARALLEL_MAX_BATCH[backend]. Measured on the trained 64x8 PixelCNN after cached
-# decoding got contiguous caches and step_updates from batch 4 (bundle format 6), parallel against cached: ONNX
-# 5.8x at batch 1, 2.4x at 4, 1.18x at 8, 0.74x at 16; TorchScript 4.3x, 1.8x, 1.33x, 0.95x; so 8 on both (it
-# was 32 on ONNX while cached ONNX steps copied every cache). Whole-forward parallel decoding (the PixelRNNs)
+# decoding got contiguous caches and step_updates from batch 4 (bundle format 6), parallel against cached in
+# the committed run: ONNX 5.6x at batch 1, 2.5x at 4, 1.77x at 8, 0.89x at 16; TorchScript 4.1x, 1.6x, 1.34x,
+# 0.86x (the run before: 1.18x and 0.74x on ONNX at 8 and 16); so 8 on both (it was 32 on ONNX while cached
+# ONNX steps copied every cache). Whole-forward parallel decoding (the PixelRNNs)
 # costs passes x a whole forward pass and wins at batch 1 on ONNX only (1.4x there, 0.6x at batch 4;
 # TorchScript's forward pass is ~4x slower than onnxruntime's). On the GPU the fused Triton decoders are the
 # default.

@@ -345,7 +345,7 @@ def test_step_updates_leave_the_caches_step_returns(family_bundles, name: str, f
     monkeypatch.setattr(OnnxStepper, "updates_min_batch", 1)
     s = load(family_bundles[name], backend="onnx")
     rng = np.random.default_rng(fresh_seed)
-    c, _, w = (s.image_shape[2], s.image_shape[0], s.image_shape[1])
+    _, w, c = s.image_shape
     labels = None if not s.num_classes else rng.integers(0, s.num_classes, 3)
     steppers = [s.backend.stepper(), s.backend.stepper()]
     steppers[1].update_plan = None  # the full-cache step
