@@ -18,11 +18,16 @@ exported with ONNX and TorchScript graphs. For each model, backend and batch siz
 - naive: every step is the same full forward pass, so it is timed over the first ``--naive-rows`` rows and
   extrapolated linearly to the whole image (said as such in the table).
 
-Cached, graph, parallel and forward-graph parallel are timed interleaved (``timed_interleaved``: rounds that
+- auto: what ``decoder="auto"`` runs, batch after batch (``AutoregressiveSampler._decode_auto``): from batch 9
+  to 128 it times windowed parallel against cached decoding on its first two batches and then runs the
+  faster (``DecoderTuner``), so its first two calls (the warm-up round and the first timed round) include the
+  slower decoder once; elsewhere the rule's pick.
+
+Cached, graph, parallel, auto and forward-graph parallel are timed interleaved (``timed_interleaved``: rounds that
 run each in turn, medians over ``--repeats`` rounds, at least 9 up to batch 16, after a warm-up round; a
 decoder whose warm-up took over 5 s is timed by that run alone); naive runs the forward graph that earlier
 rows already warmed, timed once where a run takes over 5 s.
-Writes JSON and a Markdown table, and says which decoder ``decoder="auto"`` picks at each batch.
+Writes JSON and a Markdown table, with the decoder ``decoder="auto"`` settled on at each batch.
 
     python benchmarks/decoding.py --out benchmarks/results/decoding-cpu
 """
@@ -54,8 +59,15 @@ from genforge.runtime.decoding import (
     window_decode,
 )
 from genforge.runtime.files import atomic_write_json
+from genforge.runtime.progress import Progress
 from genforge.runtime.randomness import uniforms
-from genforge.runtime.sampler import PARALLEL_MAX_BATCH, WINDOW_PARALLEL_MAX_BATCH, auto_decoder, cached_threads
+from genforge.runtime.sampler import (
+    PARALLEL_MAX_BATCH,
+    TUNE_MAX_BATCH,
+    WINDOW_PARALLEL_MAX_BATCH,
+    auto_decoder,
+    cached_threads,
+)
 from genforge.train.checkpoint import RunConfig, save_weights
 
 
@@ -131,6 +143,10 @@ def bench(bundle: Path, backend: str, batch: int, naive_rows: int, repeats: int,
     steppers = [sampler.backend.stepper() for _ in range(cached_threads(batch, backend, "cpu"))]
     contenders = {"cached": lambda: split_cached_decode(steppers, u, levels=sampler.levels),
                   "parallel": lambda: windowed(sampler, u, stats=stats)}
+    # What decoder="auto" runs, as sample() runs it batch by batch: where its tuner times both decoders, its
+    # first call (the warm-up round) runs the rule's pick and its second the other, later ones the faster.
+    off = Progress(0, "auto", enabled=False)
+    contenders["auto"] = lambda: sampler._decode_auto(u, None, off, None, 0)
     if len(steppers) > 1:  # the split's gain, timed in the same rounds
         contenders["cached_one_thread"] = lambda: cached_decode(steppers[0], u, levels=sampler.levels)
     if batch <= forward_parallel_max_batch:
@@ -163,15 +179,18 @@ def bench(bundle: Path, backend: str, batch: int, naive_rows: int, repeats: int,
         "parallel_window_rows": WINDOW_ROWS,
         "parallel_forward_s": forward_s, "parallel_forward_iterations": fstats["iterations"],
         "parallel_forward_vs_cached": forward_s and cached_s / forward_s,
-        "auto": auto_decoder(sampler.decoders, batch, backend, "cpu", windowed=True),
+        "auto_rule": auto_decoder(sampler.decoders, batch, backend, "cpu", windowed=True),
+        "auto_s": secs["auto"], "auto_tuned": sampler._tuned(batch),
+        # What auto settled on: the faster of its timings, or the rule's pick where it does not time.
+        "auto": (min(timed, key=timed.__getitem__) if (timed := sampler.tuner.seconds.get((batch, 0, False)))
+                 else auto_decoder(sampler.decoders, batch, backend, "cpu", windowed=True)),
+        "auto_vs_best_of_parallel_and_cached": secs["auto"] / min(parallel_s, cached_s),
     }
     if "graph" in secs:
         row.update(graph_s=secs["graph"], graph_images_per_s=batch / secs["graph"])
     if "cached_one_thread" in secs:
         row.update(cached_threads=len(steppers), cached_one_thread_s=secs["cached_one_thread"],
                    cached_split_vs_one_thread=secs["cached_one_thread"] / cached_s)
-    auto_s = parallel_s if row["auto"] == "parallel" else cached_s
-    row["auto_vs_best_of_parallel_and_cached"] = auto_s / min(parallel_s, cached_s)
     return row
 
 
@@ -222,7 +241,7 @@ def check_equal(bundle: Path) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,4,8,16,32,64,256")
+    ap.add_argument("--batches", default="1,4,8,16,32,64,128,256")
     ap.add_argument("--backends", default="torchscript,onnx")
     ap.add_argument("--models", default="trained,random")
     ap.add_argument("--hidden", type=int, default=64)
@@ -277,6 +296,7 @@ def main() -> None:
         "all_decoders_equal": same,  # naive, cached, graph and parallel images, per model
         "parallel_max_batch_for_auto": PARALLEL_MAX_BATCH,
         "window_parallel_max_batch_for_auto": WINDOW_PARALLEL_MAX_BATCH,
+        "auto_timed_batches": f"above window_parallel_max_batch_for_auto up to {TUNE_MAX_BATCH}",
         "window_rows_sweep_onnx_trained": sweep,
         "rows": rows,
     }
@@ -285,15 +305,17 @@ def main() -> None:
 
 
 def with_auto(result: dict[str, Any]) -> dict[str, Any]:
-    """The ``auto`` column by the current rule (runtime/sampler.auto_decoder) on the measured times: the rule
-    is set from these figures, so ``--rerender`` applies a changed rule to a run without retiming it."""
+    """Runs before auto was timed (no ``auto_s``) get the ``auto`` column from the rule alone
+    (runtime/sampler.auto_decoder) on their measured times; ``--rerender`` re-renders a run's table."""
     for r in result["rows"]:
+        if "auto_s" in r:
+            continue
         have = ["naive", "cached", "graph", "parallel"]
         r["auto"] = auto_decoder(have, r["batch"], r["backend"], "cpu", windowed=True)
         auto_s = r["parallel_s"] if r["auto"] == "parallel" else r["cached_s"]
         r["auto_vs_best_of_parallel_and_cached"] = auto_s / min(r["parallel_s"], r["cached_s"])
-    result["window_parallel_max_batch_for_auto"] = WINDOW_PARALLEL_MAX_BATCH
-    result["parallel_max_batch_for_auto"] = PARALLEL_MAX_BATCH
+    result.setdefault("window_parallel_max_batch_for_auto", WINDOW_PARALLEL_MAX_BATCH)
+    result.setdefault("parallel_max_batch_for_auto", PARALLEL_MAX_BATCH)
     return result
 
 
@@ -310,12 +332,13 @@ def write(result: dict[str, Any], out: Path) -> None:
     ]
     for r in result["rows"]:
         graph = f"{r['graph_images_per_s']:.1f}" if "graph_s" in r else "-"
+        auto = r["auto"] + (" (timed)" if r.get("auto_tuned") else "")
         par = f"{r['parallel_s']:.3f} | {r['parallel_iterations']} | {r['parallel_vs_cached']:.2f}x"
         fwd = (f"{r['parallel_forward_vs_cached']:.2f}x, {r['parallel_forward_iterations']}"
                if r["parallel_forward_s"] is not None else "-")
         lines.append(
             f"| {r['model']} | {r['backend']} | {r['batch']} | {r['naive_s_extrapolated']:.2f} | {r['cached_s']:.3f} | "
-            f"{r['cached_images_per_s']:.1f} | {graph} | {par} | {fwd} | {r['auto']} | "
+            f"{r['cached_images_per_s']:.1f} | {graph} | {par} | {fwd} | {auto} | "
             f"{r['auto_vs_best_of_parallel_and_cached']:.2f} |")
     lines += ["", "Window rows (ONNX, trained model): " + "; ".join(
         f"batch {w['batch']} rows {w['rows']}: {w['seconds']:.3f} s, {w['iterations']} passes"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import time
 
 import numpy as np
 
@@ -115,6 +116,41 @@ WINDOW_PARALLEL_MAX_BATCH = {"onnx": 8, "torchscript": 8}
 CACHED_THREAD_MIN_IMAGES = 128
 
 
+# Where the batch size alone does not settle it, decoder="auto" times the two on real batches: windowed
+# parallel decoding's passes depend on the model (a trained binarized-MNIST PixelCNN needs 59-79 passes at
+# batch 8-64, a random-weight one 22-30, so in the committed run parallel was 0.89x-0.41x as fast as cached on
+# the trained model at batch 16-64 and 1.94x-0.66x on the random one), while both lose to cached decoding by
+# 3x or more at batch 256 and win by 1.8x or more up to batch 8.
+TUNE_MAX_BATCH = 128
+# The slower of the two is timed again every TUNE_RETRY batches of a shape: one slow spell of the machine
+# (seen here to move a timing 2-3x) must not settle the choice for good.
+TUNE_RETRY = 16
+
+
+class DecoderTuner:
+    """Picks the faster of two decoders per batch shape by timing real batches (the images are the same
+    whichever runs). The first batch of a shape runs ``first`` (the rule's pick), the second ``other``, later
+    ones the faster so far, except that every ``retry``-th re-times the slower."""
+
+    def __init__(self, retry: int = TUNE_RETRY) -> None:
+        self.retry = retry
+        self.seconds: dict[tuple, dict[str, float]] = {}
+        self.batches: dict[tuple, int] = {}
+
+    def choose(self, key: tuple, first: str, other: str) -> str:
+        timed = self.seconds.get(key, {})
+        if first not in timed:
+            return first
+        if other not in timed:
+            return other
+        faster, slower = sorted((first, other), key=timed.__getitem__)
+        return slower if self.batches[key] % self.retry == 0 else faster
+
+    def record(self, key: tuple, decoder: str, seconds: float) -> None:
+        self.seconds.setdefault(key, {})[decoder] = seconds
+        self.batches[key] = self.batches.get(key, 0) + 1
+
+
 def cached_threads(batch: int, backend: str, device: str) -> int:
     """How many threads cached decoding of ``batch`` images splits the batch between."""
     if backend != "onnx" or device != "cpu":
@@ -124,8 +160,8 @@ def cached_threads(batch: int, backend: str, device: str) -> int:
 
 
 def auto_decoder(available: list[str], batch: int, backend: str, device: str, *, windowed: bool = False) -> str:
-    """The decoder ``decoder="auto"`` runs for a batch; ``windowed``: the bundle has a window graph for
-    ``backend``."""
+    """The decoder ``decoder="auto"`` runs for a batch by the measured rule (the sampler's tuner may then
+    time the other, see ``TUNE_MAX_BATCH``); ``windowed``: the bundle has a window graph for ``backend``."""
     if "parallel" in available and device == "cpu":
         if windowed and batch <= WINDOW_PARALLEL_MAX_BATCH.get(backend, 0):
             return "parallel"
@@ -144,10 +180,16 @@ class AutoregressiveSampler(Sampler):
     where it has one (decoding.window_decode), else the whole forward graph (decoding.parallel_decode);
     ``last_stats`` then says which (``method``), how many passes each batch took and the forward-pass
     equivalents spent. With the same seed all give the same images; ``"auto"``
-    picks by batch size and device (``auto_decoder``).
+    picks by batch size and device (``auto_decoder``), except that on the CPU, for bundles with a window
+    graph and batches of 9-``TUNE_MAX_BATCH`` images, where which is faster depends on the model, it times
+    windowed parallel against cached decoding on the first two batches of a size and runs the faster after
+    (``tuner``, a ``DecoderTuner``; ``last_stats["batch_decoders"]`` says what each batch ran).
     """
 
-    last_stats: dict = {}  # noqa: RUF012 - replaced per call: what the last sample()/complete() did
+    def __init__(self, bundle: Bundle, backend: Backend) -> None:
+        super().__init__(bundle, backend)
+        self.tuner = DecoderTuner()
+        self.last_stats: dict = {}  # replaced per call: what the last sample()/complete() did
 
     @property
     def decoders(self) -> list[str]:
@@ -186,12 +228,33 @@ class AutoregressiveSampler(Sampler):
             else:
                 out = parallel_decode(self.forward, u, labels=labels, levels=self.levels, prefix=prefix,
                                       start_row=start_row, progress=bar, stats=stats)
-            self.last_stats["method"] = "forward" if window is None else "window"
-            self.last_stats["iterations"].append(stats["iterations"])
-            self.last_stats["forward_passes"] += stats["forward_passes_per_image"] * len(u)
+            st = self.last_stats
+            st["method"] = "forward" if window is None else "window"
+            st.setdefault("iterations", []).append(stats["iterations"])
+            st["forward_passes"] = st.get("forward_passes", 0.0) + stats["forward_passes_per_image"] * len(u)
             return out
         return naive_decode(self.forward, u, labels=labels, levels=self.levels, prefix=prefix,
                             start_row=start_row, progress=bar)
+
+    def _tuned(self, batch: int) -> bool:
+        """Whether decoder="auto" times windowed parallel against cached decoding for this batch size."""
+        return (self.backend.device == "cpu" and self._window_format() is not None
+                and {"cached", "parallel"} <= set(self.decoders)
+                and WINDOW_PARALLEL_MAX_BATCH.get(self.backend.name, 0) < batch <= TUNE_MAX_BATCH)
+
+    def _decode_auto(
+        self, u: np.ndarray, labels: np.ndarray | None, bar: Progress, prefix: np.ndarray | None, start_row: int,
+    ) -> tuple[np.ndarray, str]:
+        """One batch with decoder="auto": the rule's decoder, or where it is unsure the tuner's, timed."""
+        first = self._check_decoder("auto", len(u))
+        if not self._tuned(len(u)):
+            return self._decode(u, labels, first, bar, prefix, start_row), first
+        key = (len(u), start_row, labels is not None)
+        decoder = self.tuner.choose(key, first, "parallel" if first == "cached" else "cached")
+        t = time.perf_counter()
+        out = self._decode(u, labels, decoder, bar, prefix, start_row)
+        self.tuner.record(key, decoder, time.perf_counter() - t)
+        return out, decoder
 
     def _check_decoder(self, decoder: str, batch: int = 1) -> str:
         if decoder == "auto":
@@ -286,18 +349,23 @@ class AutoregressiveSampler(Sampler):
         labels: np.ndarray | list[int] | None, start: int, decoder: str, progress: bool,
     ) -> np.ndarray:
         n = self.check_request(n, seed, batch_size, start)
+        auto = decoder == "auto"
         decoder = self._check_decoder(decoder, min(n, batch_size))
-        self.last_stats = {"decoder": decoder, "iterations": [], "forward_passes": 0.0}
+        self.last_stats = {"decoder": decoder, "iterations": [], "forward_passes": 0.0, "batch_decoders": []}
         h, w, c = self.image_shape
         lab = self.resolve_labels(n, labels, start)
         out = np.zeros((n, h, w, c), dtype=np.uint8)
         with Progress(n * h, "sample", enabled=progress) as bar:
             for a, b in chunks(n, batch_size):
                 u = uniforms(seed, start + a, start + b, (h, w, c))
-                out[a:b] = self._decode(
-                    u, None if lab is None else lab[a:b], decoder, bar,
-                    None if prefix is None else prefix[a:b], rows,
-                )
+                args = (u, None if lab is None else lab[a:b], bar, None if prefix is None else prefix[a:b], rows)
+                if auto:
+                    out[a:b], used = self._decode_auto(*args)
+                else:
+                    out[a:b], used = self._decode(args[0], args[1], decoder, *args[2:]), decoder
+                self.last_stats["batch_decoders"].append(used)
+        # Which decoders ran, in the order they first did (auto may time both).
+        self.last_stats["decoder"] = "+".join(dict.fromkeys(self.last_stats["batch_decoders"])) or decoder
         return out
 
     def log_prob(

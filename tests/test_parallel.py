@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from genforge.runtime import load
 from genforge.runtime.decoding import naive_decode, parallel_decode
-from genforge.runtime.sampler import PARALLEL_MAX_BATCH, WINDOW_PARALLEL_MAX_BATCH, auto_decoder
+from genforge.runtime.sampler import (
+    PARALLEL_MAX_BATCH,
+    TUNE_MAX_BATCH,
+    WINDOW_PARALLEL_MAX_BATCH,
+    DecoderTuner,
+    auto_decoder,
+)
 
 
 @pytest.mark.parametrize("name", AUTOREGRESSIVE)
@@ -96,3 +102,41 @@ def test_auto_picks_parallel_for_small_cpu_batches_only() -> None:
         assert auto_decoder(have, most, backend, "cpu", windowed=True) == "parallel"
         assert auto_decoder(have, most + 1, backend, "cpu", windowed=True) == "cached"
         assert auto_decoder(have, 1, backend, "cuda", windowed=True) == "cached"
+
+
+def test_the_tuner_times_both_then_runs_the_faster_and_retimes_the_slower() -> None:
+    tuner = DecoderTuner(retry=4)
+    key, other_key = (32, 0, False), (64, 0, False)
+    seconds = {"cached": 0.5, "parallel": 0.2}
+    ran = []
+    for _ in range(10):
+        decoder = tuner.choose(key, "cached", "parallel")
+        ran.append(decoder)
+        tuner.record(key, decoder, seconds[decoder])
+    # The rule's pick, the other, then the faster, the slower again at every 4th batch.
+    assert ran == ["cached", "parallel", "parallel", "parallel", "cached", "parallel", "parallel", "parallel",
+                   "cached", "parallel"]
+    assert tuner.choose(other_key, "cached", "parallel") == "cached"  # each shape is timed on its own
+    # The latest timing counts: a decoder that got slower loses its place.
+    tuner.record(key, "parallel", 0.9)
+    assert tuner.choose(key, "cached", "parallel") == "cached"
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_auto_times_parallel_against_cached_where_the_rule_is_unsure(family_bundles, backend, fresh_seed) -> None:
+    s = load(family_bundles["pixelcnn"], backend=backend, device="cpu")
+    batch = WINDOW_PARALLEL_MAX_BATCH[backend] + 1
+    assert batch <= TUNE_MAX_BATCH
+    want = s.sample(3 * batch, seed=fresh_seed, decoder="cached", batch_size=batch)
+    got = s.sample(3 * batch, seed=fresh_seed, decoder="auto", batch_size=batch)
+    np.testing.assert_array_equal(got, want)
+    first, second, third = s.last_stats["batch_decoders"]
+    assert (first, second) == ("cached", "parallel") and s.last_stats["decoder"] == "cached+parallel"
+    timed = s.tuner.seconds[(batch, 0, False)]
+    assert third == min(timed, key=timed.__getitem__)
+    # Small and large batches follow the rule untimed.
+    s.sample(2, seed=fresh_seed, decoder="auto", batch_size=2)
+    assert s.last_stats["batch_decoders"] == ["parallel"]
+    s.sample(TUNE_MAX_BATCH + 1, seed=fresh_seed, decoder="auto", batch_size=TUNE_MAX_BATCH + 1)
+    assert s.last_stats["batch_decoders"] == ["cached"]
+    assert set(s.tuner.seconds) == {(batch, 0, False)}
