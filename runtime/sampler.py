@@ -117,10 +117,11 @@ CACHED_THREAD_MIN_IMAGES = 128
 
 
 # Where the batch size alone does not settle it, decoder="auto" times the two on real batches: windowed
-# parallel decoding's passes depend on the model (a trained binarized-MNIST PixelCNN needs 59-79 passes at
-# batch 8-64, a random-weight one 22-30, so in the committed run parallel was 0.89x-0.41x as fast as cached on
-# the trained model at batch 16-64 and 1.94x-0.66x on the random one), while both lose to cached decoding by
-# 3x or more at batch 256 and win by 1.8x or more up to batch 8.
+# parallel decoding's passes depend on the model (a trained binarized-MNIST PixelCNN needs 69-79 passes at
+# batch 16-64, a random-weight one 25-30), so in the committed run parallel against cached at batch 16, 32,
+# 64 was 1.03x, 0.62x, 0.41x on ONNX on the trained model and 1.35x, 1.30x, 0.86x on the random one (on
+# TorchScript 0.92x-0.43x and 2.40x-0.95x); at 128 cached won by 1.6x or more on both, and up to batch 8
+# parallel by 1.3x or more.
 TUNE_MAX_BATCH = 128
 # The slower of the two is timed again every TUNE_RETRY batches of a shape: one slow spell of the machine
 # (seen here to move a timing 2-3x) must not settle the choice for good.
@@ -358,11 +359,12 @@ class AutoregressiveSampler(Sampler):
         with Progress(n * h, "sample", enabled=progress) as bar:
             for a, b in chunks(n, batch_size):
                 u = uniforms(seed, start + a, start + b, (h, w, c))
-                args = (u, None if lab is None else lab[a:b], bar, None if prefix is None else prefix[a:b], rows)
+                labels_b = None if lab is None else lab[a:b]
+                prefix_b = None if prefix is None else prefix[a:b]
                 if auto:
-                    out[a:b], used = self._decode_auto(*args)
+                    out[a:b], used = self._decode_auto(u, labels_b, bar, prefix_b, rows)
                 else:
-                    out[a:b], used = self._decode(args[0], args[1], decoder, *args[2:]), decoder
+                    out[a:b], used = self._decode(u, labels_b, decoder, bar, prefix_b, rows), decoder
                 self.last_stats["batch_decoders"].append(used)
         # Which decoders ran, in the order they first did (auto may time both).
         self.last_stats["decoder"] = "+".join(dict.fromkeys(self.last_stats["batch_decoders"])) or decoder
