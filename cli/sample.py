@@ -100,9 +100,9 @@ def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str
         if st["iterations"]:
             h, w, c = sampler.image_shape
             through = "window" if st.get("method") == "window" else "forward"
+            per_image = st["forward_passes"] / max(st["parallel_images"], 1)
             how += (f" through the {through} graph: {max(st['iterations'])} passes at most per batch of "
-                    f"{h * w * c} sub-pixels, {st['forward_passes'] / max(len(images), 1):.1f} forward-pass "
-                    "equivalents per image")
+                    f"{h * w * c} sub-pixels, {per_image:.1f} forward-pass equivalents per image decoded in parallel")
     click.echo(f"wrote {len(images)} images ({sampler.backend.name}, {sampler.backend.device}{how}) to {out}")
 
 

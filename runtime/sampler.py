@@ -233,6 +233,7 @@ class AutoregressiveSampler(Sampler):
             st["method"] = "forward" if window is None else "window"
             st.setdefault("iterations", []).append(stats["iterations"])
             st["forward_passes"] = st.get("forward_passes", 0.0) + stats["forward_passes_per_image"] * len(u)
+            st["parallel_images"] = st.get("parallel_images", 0) + len(u)  # auto may run parallel on some batches
             return out
         return naive_decode(self.forward, u, labels=labels, levels=self.levels, prefix=prefix,
                             start_row=start_row, progress=bar)
@@ -352,7 +353,8 @@ class AutoregressiveSampler(Sampler):
         n = self.check_request(n, seed, batch_size, start)
         auto = decoder == "auto"
         decoder = self._check_decoder(decoder, min(n, batch_size))
-        self.last_stats = {"decoder": decoder, "iterations": [], "forward_passes": 0.0, "batch_decoders": []}
+        self.last_stats = {"decoder": decoder, "iterations": [], "forward_passes": 0.0, "parallel_images": 0,
+                           "batch_decoders": []}
         h, w, c = self.image_shape
         lab = self.resolve_labels(n, labels, start)
         out = np.zeros((n, h, w, c), dtype=np.uint8)

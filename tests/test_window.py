@@ -184,3 +184,24 @@ def test_gen_sample_says_which_parallel_decoding_ran(family_bundles, tmp_path) -
         assert f"parallel decoding through the {through} graph" in r.output, r.output
         want = load(family_bundles[name], backend="onnx", device="cpu").sample(2, seed=3, decoder="cached")
         np.testing.assert_array_equal(np.load(out)["images"], want)
+
+
+def test_gen_sample_says_what_auto_ran_and_counts_passes_over_the_parallel_batches(family_bundles, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from genforge.cli.main import sample_command
+    from genforge.runtime.sampler import WINDOW_PARALLEL_MAX_BATCH
+
+    batch = WINDOW_PARALLEL_MAX_BATCH["onnx"] + 1  # decoder="auto" times cached, then parallel, at this size
+    out = tmp_path / "auto.npz"
+    r = CliRunner().invoke(sample_command, [str(family_bundles["pixelcnn"]), "-n", str(2 * batch), "--batch-size",
+                                            str(batch), "--backend", "onnx", "--device", "cpu", "--quiet", "--out",
+                                            str(out)])
+    assert r.exit_code == 0, r.output
+    assert "cached+parallel decoding through the window graph" in r.output, r.output
+    # The second batch ran in parallel: the equivalents are per image of that batch, as decoding it alone says.
+    per_image = r.output.split("sub-pixels, ")[1].split(" forward-pass")[0]
+    s = load(family_bundles["pixelcnn"], backend="onnx", device="cpu")
+    np.testing.assert_array_equal(np.load(out)["images"], s.sample(2 * batch, seed=0, decoder="cached"))
+    s.sample(batch, seed=0, start=batch, decoder="parallel", batch_size=batch)
+    assert per_image == f"{s.last_stats['forward_passes'] / batch:.1f}", r.output
