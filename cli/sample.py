@@ -24,8 +24,9 @@ from .common import BACKEND_CHOICES, one_line_errors
               show_default=True,
               help="cached: the incremental form, about one forward pass per image; naive: one full forward pass "
               "per sub-pixel; graph: the bundle's sample.onnx (onnx backend); parallel: the forward pass iterated "
-              "to its fixed point. auto: parallel for small batches on the CPU, else cached. Same seed, same "
-              "images.")
+              "to its fixed point. auto: on the CPU parallel for small batches and cached for large ones; in "
+              "between (where the model decides) the faster of the two as timed on the first two batches of "
+              "the size. Same seed, same images.")
 @click.option("--complete", "complete_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Image completion: a .npz whose 'images' (N, H, W, C) uint8 levels are kept for --rows rows; "
               "the rest is sampled (N replaces -n).")
