@@ -168,6 +168,7 @@ def bench(bundle: Path, backend: str, batch: int, naive_rows: int, repeats: int,
             sampler.forward(x, None)
 
     naive_part_s = timed_adaptive(naive_part, 1)
+    rule = auto_decoder(sampler.decoders, batch, backend, "cpu", windowed=True)
     naive_s = naive_part_s * (h * w * c) / steps
     row = {
         "model": model, "backend": backend, "batch": batch, "cached_s": cached_s,
@@ -179,11 +180,9 @@ def bench(bundle: Path, backend: str, batch: int, naive_rows: int, repeats: int,
         "parallel_window_rows": WINDOW_ROWS,
         "parallel_forward_s": forward_s, "parallel_forward_iterations": fstats["iterations"],
         "parallel_forward_vs_cached": forward_s and cached_s / forward_s,
-        "auto_rule": auto_decoder(sampler.decoders, batch, backend, "cpu", windowed=True),
-        "auto_s": secs["auto"], "auto_tuned": sampler._tuned(batch),
+        "auto_rule": rule, "auto_s": secs["auto"], "auto_tuned": sampler._tuned(batch),
         # What auto settled on: the faster of its timings, or the rule's pick where it does not time.
-        "auto": (min(timed, key=timed.__getitem__) if (timed := sampler.tuner.seconds.get((batch, 0, False)))
-                 else auto_decoder(sampler.decoders, batch, backend, "cpu", windowed=True)),
+        "auto": sampler.tuner.faster((batch, 0, False)) or rule,
         "auto_vs_best_of_parallel_and_cached": secs["auto"] / min(parallel_s, cached_s),
     }
     if "graph" in secs:

@@ -138,14 +138,19 @@ class DecoderTuner:
         self.seconds: dict[tuple, dict[str, float]] = {}
         self.batches: dict[tuple, int] = {}
 
+    def faster(self, key: tuple) -> str | None:
+        """The faster decoder by the latest timings of ``key``, or None before any."""
+        timed = self.seconds.get(key)
+        return min(timed, key=timed.__getitem__) if timed else None
+
     def choose(self, key: tuple, first: str, other: str) -> str:
         timed = self.seconds.get(key, {})
         if first not in timed:
             return first
         if other not in timed:
             return other
-        faster, slower = sorted((first, other), key=timed.__getitem__)
-        return slower if self.batches[key] % self.retry == 0 else faster
+        faster = self.faster(key)
+        return (other if faster == first else first) if self.batches[key] % self.retry == 0 else faster
 
     def record(self, key: tuple, decoder: str, seconds: float) -> None:
         self.seconds.setdefault(key, {})[decoder] = seconds
