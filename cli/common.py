@@ -45,13 +45,22 @@ def one_line_errors(fn: F) -> F:
         except click.ClickException:
             raise
         except FileExistsError as e:
-            raise click.ClickException(f"{e.filename}: exists (pass --overwrite)") from None
+            if e.strerror == "exists":  # save_images' own refusal; a path component that is a file is not one
+                raise click.ClickException(f"{e.filename}: exists (pass --overwrite)") from None
+            raise click.ClickException(_os_error(e)) from None
+        except OSError as e:  # a read-only or full file system, a missing directory, permissions
+            raise click.ClickException(_os_error(e)) from None
         except Exception as e:
             if any(cls.__name__ in CLEAN_ERRORS for cls in type(e).__mro__):
                 raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or type(e).__name__}" + (" (is the disk full?)" if e.errno == 28 else "")
 
 
 def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -31,13 +32,14 @@ from .sample import sample_command
               help="Quantize the data to this many levels (default: the data set's own).")
 @click.option("--dynamic-binarize", is_flag=True, help="Resample binary images from grey levels each step.")
 @click.option("--conditional", is_flag=True, help="Condition on the data set's class labels.")
-@click.option("--image-size", type=int, default=32, show_default=True, help="Image side for --data folder.")
+@click.option("--image-size", type=click.IntRange(1, 1024), default=32, show_default=True,
+              help="Image side for --data folder.")
 @click.option("--channels", type=click.Choice(["1", "3"]), default="3", show_default=True,
               help="Channels for --data folder.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Model config field, e.g. --set hidden=128 --set likelihood=logistic-mixture. Repeatable.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Passes over the data [default: 30].")
-@click.option("--steps", type=click.IntRange(min=0), default=None,
+@click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Total optimizer steps; overrides --epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -67,10 +69,13 @@ from .sample import sample_command
 @click.option("--samples", "n_samples", type=click.IntRange(min=0), default=64, show_default=True,
               help="Images in the sample grid written each epoch (0: none).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--cpu-bf16", is_flag=True,
+              help="bfloat16 autocast on the CPU (float32 weights and likelihood), where the CPU has native bf16; "
+              "CUDA always uses it.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Torch CPU threads; 0: the cores no other job keeps busy (torch's own default, one per core, "
               "was 18x slower on 2 cores shared with 2 other jobs). OMP_NUM_THREADS, when set, wins over 0.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory [default: runs/MODEL-DATA-N, a new one each run].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
@@ -97,6 +102,7 @@ def train_command(**o: object) -> None:
         seed=int(o["seed"]), eval_limit=int(o["eval_limit"]), checkpoint_every=int(o["checkpoint_every"]),
         log_every=int(o["log_every"]),
         n_samples=int(o["n_samples"]), dynamic_binarize=bool(o["dynamic_binarize"]), ema=float(o["ema"]),
+        cpu_bf16=bool(o["cpu_bf16"]),
     )
     # The family's own options; each family keeps the ones it has (objectives.OBJECTIVE_OPTIONS).
     objective = {k: o[k] for k in ("kl_warmup_steps", "iw_samples", "gan_k", "gan_loss")}
@@ -116,7 +122,8 @@ def train_command(**o: object) -> None:
     click.echo(f"run: {result.run_dir} (step {result.steps}) {summary}".rstrip())
     if result.samples is not None:
         click.echo(f"samples: {Path(result.samples)}")
-    click.echo(f"next: gen-export {result.run_dir} --format all -o bundles/{result.run_dir.name}")
+    run_dir = shlex.quote(str(result.run_dir))
+    click.echo(f"next: gen-export {run_dir} --format all -o {shlex.quote('bundles/' + result.run_dir.name)}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -162,7 +169,7 @@ def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int,
 @click.option("--image-size", type=click.IntRange(min=1), default=None, help="For --data folder [default: 32].")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="For --data folder [default: 3].")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True, help="For bundles.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
               help="Randomness of the VAE's importance samples and of the quality samples (image i from (seed, i)); "
               "not of the split, which the model's training seed fixes.")
 @click.option("--quiet", is_flag=True)

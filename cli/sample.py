@@ -15,7 +15,7 @@ from .common import BACKEND_CHOICES, one_line_errors
 @click.argument("bundle", type=click.Path())
 @click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64, show_default=True, help="Images to draw.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
               help="Image i's randomness comes from (seed, i): results do not depend on batch size or backend.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="auto: triton on CUDA when it imports, else onnx (torch-free), else torchscript.")
@@ -73,12 +73,13 @@ def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str
         lab = values * n if len(values) == 1 else values
     kw: dict[str, object] = {"seed": seed, "batch_size": batch_size, "labels": lab, "progress": not quiet}
     nrow = None
+    mode_given = click.get_current_context().get_parameter_source("mode") == click.core.ParameterSource.COMMANDLINE
+    if isinstance(sampler, LatentSampler):
+        kw["mode"] = mode
+    elif mode_given:
+        raise click.UsageError("--mode applies to autoencoder and VAE bundles")
     if isinstance(sampler, AutoregressiveSampler):
         kw["decoder"] = decoder
-    elif isinstance(sampler, LatentSampler):
-        kw["mode"] = mode
-    elif mode != "mean":
-        raise click.UsageError("--mode applies to autoencoder and VAE bundles")
     if interpolate_from is not None:
         if not isinstance(sampler, LatentSampler):
             raise click.UsageError("--interpolate needs an autoencoder or VAE bundle")
@@ -128,16 +129,17 @@ def _sample_maybe_distributed(sampler: object, n: int, kw: dict[str, object]) ->
     i's randomness comes from (seed, i), so the result equals a single process's."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not os.environ.get("WORLD_SIZE"):
         return sampler.sample(n, **kw)  # type: ignore[attr-defined]
     import numpy as np
+    import torch
     import torch.distributed as dist
 
-    from genforge.train.distributed import from_env, gather_to_main, shard
+    from genforge.train.distributed import gather_to_main, init, shard
 
-    info = from_env()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
+    info = init(torch.device("cpu"))  # checks the environment: a stale WORLD_SIZE is a one-line error
+    if not info.enabled:
+        return sampler.sample(n, **kw)  # type: ignore[attr-defined]
     start, stop = shard(n, info)
     labels = kw.get("labels")
     part_kw = {**kw, "labels": None if labels is None else list(labels)[start:stop], "start": start}  # type: ignore[call-overload]

@@ -22,10 +22,8 @@ import inspect
 import io
 import json
 import logging
-import os
 import secrets
 import shutil
-import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -36,8 +34,24 @@ import torch
 
 from genforge.models.graphs import GraphDef
 from genforge.models.incremental import OnnxOps
-from genforge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FORMATS, MANIFEST, read_bundle, sha256_file
-from genforge.runtime.files import atomic_write_json, exclusive_lock, make_public_dir
+from genforge.runtime.bundle import (
+    BINDING_KEY,
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    GRAPH_FORMATS,
+    MANIFEST,
+    manifest_binding,
+    read_bundle,
+    sha256_file,
+)
+from genforge.runtime.files import (
+    aside_name,
+    atomic_write_json,
+    clean_dead_siblings,
+    exclusive_lock,
+    make_public_dir,
+    replace_dir,
+)
 from genforge.runtime.randomness import SCHEME
 from genforge.train.checkpoint import load_run, save_weights
 
@@ -246,6 +260,8 @@ def _export_verified(
         except ExportError:
             raise
         except Exception as e:  # the dynamo exporter raises many types; the fallback is what handles them
+            if _interrupted(e):
+                raise KeyboardInterrupt from None
             if last:
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -315,11 +331,56 @@ def export_run(
     for fmt in formats:
         if fmt not in GRAPH_FORMATS:
             raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(GRAPH_FORMATS)}")
+    if not str(out).strip():
+        raise ExportError("the bundle directory (-o) is empty")
     out = Path(out)
     check_bundle_target(Path(run_dir), out, overwrite=overwrite)
     with exclusive_lock(out.parent / f".{out.name}.lock", f"bundle directory {out}"):
+        # Holding the lock, any staging or set-aside directory of this bundle is a killed writer's.
+        clean_dead_siblings(out)
         check_bundle_target(Path(run_dir), out, overwrite=overwrite)  # again: it may have changed while unlocked
-        return _export_locked(Path(run_dir), out, formats, opset, tolerance, ema)
+        with interrupts_raise():
+            return _export_locked(Path(run_dir), out, formats, opset, tolerance, ema)
+
+
+class _Interrupted:
+    """Whether SIGINT arrived during an export: torch.export wraps the KeyboardInterrupt in its own error,
+    which the per-graph fallback would otherwise take for an exporter failure."""
+
+    seen = False
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Any:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        _Interrupted.seen = True
+        raise KeyboardInterrupt
+
+    _Interrupted.seen = False
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """An interrupt, however wrapped (the exception chain holds a KeyboardInterrupt, or SIGINT arrived)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return _Interrupted.seen
 
 
 def check_bundle_target(run_dir: Path, out: Path, *, overwrite: bool) -> None:
@@ -362,7 +423,8 @@ def _export_locked(
         g.module.eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = aside_name(out, "staging")
+    tmp.mkdir()
     make_public_dir(tmp)  # it becomes the bundle directory
     try:
         graphs: dict[str, Any] = {}
@@ -389,8 +451,6 @@ def _export_locked(
         by_name = {g.name: g for g in defs}
         if "onnx" in formats and "step" in by_name and "row" in by_name:
             graphs[f"{SAMPLE_GRAPH}.onnx"] = _write_sample_graph(tmp, by_name["step"], model.config)
-        # The weights travel too: the Triton backend runs its own kernels on them rather than a graph.
-        save_weights(tmp / WEIGHTS, model)
         cfg = model.config
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -412,12 +472,16 @@ def _export_locked(
             # The training data and seed: gen-eval scores the split this model never trained on (carved
             # splits depend on the seed). Optional; readers ignore what they do not know.
             "source": {"run_dir": str(Path(run_dir).resolve()), "ema": ema, "data": run.data,
-                       "seed": run.train.get("seed")},
+                       "seed": run.train.get("seed"), "dynamic_binarize": bool(run.train.get("dynamic_binarize"))},
             "weights": WEIGHTS,
-            "files": {f: sha256_file(tmp / f) for f in sorted({WEIGHTS} | {g["file"] for g in graphs.values()})},
+            "files": {f: sha256_file(tmp / f) for f in sorted({g["file"] for g in graphs.values()})},
         }
         if "step" in by_name:
             manifest["caches"] = [{"name": n, **_cache_spec(by_name["step"], n)} for n in by_name["step"].state]
+        # The weights travel too: the Triton backend runs its own kernels on them rather than a graph. Their
+        # metadata keeps the manifest's bound fields, so a reader can tell an edited manifest (check_binding).
+        save_weights(tmp / WEIGHTS, model, metadata={BINDING_KEY: manifest_binding(manifest)})
+        manifest["files"] = dict(sorted({**manifest["files"], WEIGHTS: sha256_file(tmp / WEIGHTS)}.items()))
         atomic_write_json(tmp / MANIFEST, manifest)
         read_bundle(tmp)  # the bundle must pass the runtime's own validation before it is published
         if f"{SAMPLE_GRAPH}.onnx" in graphs:
@@ -428,9 +492,9 @@ def _export_locked(
             manifest["parity"][f"{SAMPLE_GRAPH}.onnx"] = check
             atomic_write_json(tmp / MANIFEST, manifest)
             read_bundle(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if _Interrupted.seen:
+            raise KeyboardInterrupt
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,6 +36,7 @@ class ImageConfig:
     num_classes: int = 0  # 0: unconditional
 
     def validate(self) -> None:
+        check_bounds(self)
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
         if self.height < 1 or self.width < 1:
@@ -62,6 +63,27 @@ class ImageConfig:
         cfg = cls(**{k: float(v) if hints[k] is float else v for k, v in d.items()})
         cfg.validate()
         return cfg
+
+
+# Integer fields any family may have, and the range each may take: far beyond what trains on one machine,
+# tight enough that nothing is built (or allocated) before an absurd value is refused. Kernels are odd, so
+# the masks centre on the current pixel.
+FIELD_BOUNDS = {"height": (1, 1024), "width": (1, 1024), "hidden": (1, 8192), "output_hidden": (1, 8192),
+                "layers": (0, 512), "depth": (0, 10), "latent_size": (1, 1 << 16), "n_mix": (1, 256),
+                "num_classes": (0, 1 << 16), "kernel": (1, 63), "first_kernel": (1, 63)}
+ODD_FIELDS = ("kernel", "first_kernel")
+
+
+def check_bounds(cfg: Any) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in FIELD_BOUNDS or not isinstance(value, int):
+            continue
+        low, high = FIELD_BOUNDS[f.name]
+        if not low <= value <= high:
+            raise ConfigError(f"{f.name} must be in [{low}, {high}], got {value}")
+        if f.name in ODD_FIELDS and value % 2 == 0:
+            raise ConfigError(f"{f.name} must be odd (the mask centres on the pixel), got {value}")
 
 
 def _check_field_type(owner: str, key: str, value: Any, want: Any) -> None:
@@ -217,6 +239,8 @@ class AutoregressiveModel(GenerativeModel):
     def grid_log_probs(self, params: torch.Tensor) -> torch.Tensor:
         """Raw head parameters (B, P * C, H', W') of any grid of pixels -> log-probabilities (B, C, H', W', K)."""
         b, _, h, w = params.shape
+        if params.dtype in (torch.bfloat16, torch.float16):  # under autocast: the likelihood in float32
+            params = params.float()
         return self.head.log_probs(params.reshape(b, self.head.params_per_channel, self.config.channels, h, w))
 
     def nll(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,14 +3,21 @@
 The ONNX backend imports onnxruntime only; torch is imported inside the TorchScript backend alone, so an
 application that embeds the ONNX path needs numpy and onnxruntime and nothing else.
 
-TorchScript note: a TorchScript archive holds TorchScript graphs, which run when the module is called; it is
-not Python and genforge never unpickles arbitrary objects from it. The bundle's sha256 hashes are checked
-before any backend opens a file.
+Both load from the bytes ``read_bundle`` read and hashed (``Bundle.read``), never from the path again.
+
+TorchScript note: a TorchScript archive is a program: its code runs when the module is called, and a
+``__setstate__`` method runs while it loads. So before ``torch.jit.load`` the archive is scanned, and before
+any graph runs every method is inspected against the operations genforge's own exporter writes
+(``runtime/torchscript_check.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
+import tempfile
 import warnings
 from typing import Any, Protocol
 
@@ -77,9 +84,10 @@ class OnnxBackend:
                 # A decoding step is a chain of tiny ops: intra-op threads only add synchronization.
                 opts.intra_op_num_threads = 1
             try:
-                sess = self._ort.InferenceSession(
-                    str(self.bundle.file(spec)), sess_options=opts, providers=self.providers
-                )
+                with onnx_model_source(self.bundle, spec) as source:
+                    sess = self._ort.InferenceSession(source, sess_options=opts, providers=self.providers)
+            except BundleError:
+                raise
             except Exception as e:  # onnxruntime raises its own exception types for bad graphs
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise BundleError(f"{self.bundle.file(spec)}: onnxruntime cannot load the graph ({first})") from None
@@ -96,6 +104,27 @@ class OnnxBackend:
 
     def stepper(self) -> Stepper:
         return OnnxStepper(self)
+
+
+@contextlib.contextmanager
+def onnx_model_source(bundle: Bundle, spec: Any) -> Any:
+    """What InferenceSession loads: the graph's verified bytes, or, when it has external data, a private
+    directory holding copies of the verified bytes of the graph and its external files (onnxruntime resolves
+    external data beside the model's path), removed once the session exists."""
+    external = bundle.external_data(spec)
+    if not external:
+        yield bundle.read(spec.file)
+        return
+    tmp = tempfile.mkdtemp(prefix="genforge-onnx-")
+    try:
+        for name in [spec.file, *external]:
+            target = os.path.join(tmp, *name.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(bundle.read(name))
+        yield os.path.join(tmp, *spec.file.split("/"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_onnx_signature(sess: Any, spec: Any, path: Any, *, exact: bool = True) -> None:
@@ -142,9 +171,49 @@ class OnnxStepper:
             self.updates_sess = backend.session("step_updates")
             position = {name[len("cache_"):]: i for i, (name, _) in enumerate(self.caches_spec)}
             # Formats 4-5 kept the caches channel-major and wrote along their last axis (no "axis" field).
-            self.update_plan = [(position[u["cache"]], u["kind"], u["value"], u["index"], u["offset"],
-                                 u.get("axis", 2)) for u in entry["updates"]]
+            try:
+                self.update_plan = [(position[u["cache"]], u["kind"], u["value"], u["index"], u["offset"],
+                                     u.get("axis", 2)) for u in entry["updates"]]
+            except (KeyError, TypeError):
+                raise BundleError(f"{backend.bundle.path}: step_updates.onnx's 'updates' name a cache or field "
+                                  "the bundle lacks") from None
             self.update_outputs = [o.name for o in self.updates_sess.get_outputs()]
+            self._check_update_plan()
+
+    def _check_update_plan(self) -> None:
+        """The manifest's ``updates`` say where step_updates' writes go, and no graph states it; applied as
+        they say, the writes must leave the caches the step graph returns, checked on random caches at the
+        first and the last column (an edited offset shifts a write and samples silently differ)."""
+        bundle = self.backend.bundle
+        _, w, c = bundle.image_shape
+        rng = np.random.default_rng(0)
+        batch = 2
+        self.reset(batch, np.arange(batch) % bundle.num_classes if bundle.num_classes else None)
+        start = [rng.standard_normal(z.shape).astype(np.float32) for z in self.caches]
+        problem = None
+        for j in sorted({0, w - 1}):
+            first = {"x_row": rng.integers(0, bundle.levels, (batch, c, w)).astype(np.float32),
+                     "j": np.array([j], dtype=np.int64)}
+            self.caches = [z.copy() for z in start]
+            full = self._run(self.step_sess, first, 1)
+            self.caches = [z.copy() for z in start]
+            try:
+                values = dict(zip(self.update_outputs, self._run(self.updates_sess, first, 0), strict=True))
+                apply_updates(self.caches, self.update_plan or [], values)
+                got = [values["log_probs"], *self.caches]
+            except (KeyError, IndexError, ValueError, TypeError) as e:
+                problem = f"applying them fails ({type(e).__name__}: {e})"
+                break
+            for a, b in zip(full, got, strict=False):
+                if len(full) != len(got) or a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-4):
+                    problem = f"at column {j} they leave other caches or log-probabilities than the step graph"
+                    break
+            if problem:
+                break
+        self.caches, self.labels = [], None
+        if problem:
+            raise BundleError(f"{bundle.path}: step_updates.onnx's writes as the manifest's 'updates' place them "
+                              f"do not match step.onnx: {problem}")
 
     # step_updates from this batch size on (measured on the trained 64x8 PixelCNN, format 6, seconds per batch,
     # full-cache step / step_updates: 0.299 / 0.316 at 1, 0.238 / 0.225 at 4, 0.385 / 0.276 at 16, 0.616 /
@@ -232,14 +301,21 @@ class TorchScriptBackend:
 
     def module(self, graph: str) -> Any:
         if graph not in self._modules:
+            from .torchscript_check import check_archive, check_module, check_torchscript_signature
+
             spec = self.bundle.graph(graph, "torchscript")
+            where = self.bundle.file(spec)
+            data = self.bundle.read(spec.file)
+            check_archive(data, where)  # before torch.jit.load, which runs a __setstate__ it finds
             try:
                 with warnings.catch_warnings():  # torch.jit.load warns of its own deprecation on every call
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    m = self._torch.jit.load(str(self.bundle.file(spec)), map_location=self.device)
+                    m = self._torch.jit.load(io.BytesIO(data), map_location=self.device)
             except Exception as e:  # torch raises RuntimeError and others for foreign archives
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise BundleError(f"{self.bundle.file(spec)}: torch cannot load the graph ({first})") from None
+                raise BundleError(f"{where}: torch cannot load the graph ({first})") from None
+            check_module(m, where)  # every method's operations, before any of them runs
+            check_torchscript_signature(m, spec, where, exact=self.bundle.manifest["version"] >= 3)
             self._modules[graph] = m.eval()
         return self._modules[graph]
 

@@ -4,10 +4,15 @@ locks on output directories, and PNG grids; torch-free, shared by training, expo
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import math
 import os
+import shutil
+import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -67,6 +72,107 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def aside_name(final: Path, kind: str) -> Path:
+    """A hidden sibling of ``final`` for a directory being built (``staging``) or being replaced (``old``);
+    ``clean_dead_siblings`` recognises both."""
+    return final.parent / f".{final.name}.{kind}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put the directory ``new`` at ``final``, replacing what is there by renames: a reader sees the old
+    directory or the new one, never neither (an atomic exchange where the system has one, else old aside
+    then new in), and the old one is deleted only once the new one is in place. An old directory that
+    cannot be deleted (a read-only subdirectory, say) is left aside, with a warning naming it."""
+    if not final.exists() and not final.is_symlink():
+        os.replace(new, final)
+        fsync_dir(final.parent)
+        return
+    if _exchange(new, final):
+        old = new  # the exchange left the old directory at the new one's path
+    else:
+        old = aside_name(final, "old")
+        os.replace(final, old)
+        try:
+            os.replace(new, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
+    fsync_dir(final.parent)
+    remove_tree(old)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree, or warn that (part of) it stayed and where."""
+    failures: list[str] = []
+
+    def note(_func: Any, where: str, error: Any) -> None:
+        failures.append(f"{where}: {error[1] if isinstance(error, tuple) else error}")
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=note)
+    else:
+        shutil.rmtree(path, onerror=note)
+    if failures and path.exists():
+        warnings.warn(f"the replaced directory was kept at {path} (could not delete {failures[0]})", stacklevel=2)
+
+
+def clean_dead_siblings(final: Path) -> list[Path]:
+    """Remove what killed writers of ``final`` left beside it: a staging directory whose writer is gone
+    (its lock is free) and an old directory set aside by a replacement (put back if ``final`` is missing,
+    so a kill between the two renames loses nothing). Call it holding ``final``'s writer lock."""
+    removed: list[Path] = []
+    if not final.parent.is_dir():
+        return removed
+    for p in sorted(final.parent.glob(f".{final.name}.old-*")):
+        if not p.is_dir() or p.is_symlink():
+            continue
+        if final.exists():
+            remove_tree(p)
+            removed.append(p)
+        else:
+            os.replace(p, final)
+    for p in sorted(final.parent.glob(f".{final.name}.staging-*")):
+        if p.is_dir() and not p.is_symlink() and not lock_is_held(p / LOCK_FILE):
+            remove_tree(p)
+            removed.append(p)
+    return removed
+
+
+def lock_is_held(lock_path: Path) -> bool:
+    """Whether a live process holds the advisory lock of ``lock_path`` (False when there is no lock file)."""
+    try:
+        import fcntl
+    except ImportError:
+        return True  # cannot tell: never remove
+    try:
+        fd = os.open(lock_path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock just taken, if taken
+    return False
 
 
 LOCK_FILE = ".genforge.lock"

@@ -30,6 +30,43 @@ def available_memory() -> int | None:
     return None
 
 
+MAX_SEED = 2**64 - 1  # seeds key Philox4x32 with 64 bits
+MAX_INDEX = 2**63 - 1
+# The most sub-pixels one call of a graph gets: a graph's working memory grows with its batch (a VAE's hidden
+# layers, a PixelCNN's feature maps), and an allocation past what the machine holds gets the process killed by
+# the kernel rather than an error, so a larger batch_size runs as several batches of this size. Every image's
+# random numbers come from (seed, image index), so the split changes no result; 2**21 is 2,674 binarized MNIST
+# images, past the batch where the CPU graphs stop getting faster per image.
+MAX_BATCH_SUBPIXELS = 2**21
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """An integer argument in [low, high]; numbers.Integral covers numpy integers, bool is refused (True is no
+    image count)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise InputError(f"{name} must be in [{low}, {high}], got {value}" if high is not None
+                         else f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def as_latents(z: object, latent_size: int) -> np.ndarray:
+    """Latent vectors (N, Z) as float64, refusing what is not finite numbers."""
+    try:
+        arr = np.asarray(z, dtype=np.float64)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"latents must be numbers ({e})") from None
+    if arr.ndim != 2 or arr.shape[1] != latent_size:
+        raise InputError(f"expected latents of shape (N, {latent_size}), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InputError("latents must be finite (NaN or infinity decodes to nothing meaningful)")
+    return arr
+
+
+LATENT_MODES = ("mean", "sample")
+
+
 class Sampler:
     """Common to every family: the bundle, the backend, batching and labels."""
 
@@ -53,7 +90,15 @@ class Sampler:
             return None
         if labels is None:
             return np.arange(start, start + n, dtype=np.int64) % self.num_classes
-        arr = np.asarray(labels, dtype=np.int64).reshape(-1)
+        try:
+            given = np.asarray(labels)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"labels must be integers ({e})") from None
+        if given.size and given.dtype.kind not in "iu":  # 1.7 would silently become class 1
+            raise InputError(f"labels must be integers, got {given.dtype} values")
+        if given.size and given.dtype.kind == "u" and given.max() > np.iinfo(np.int64).max:
+            raise InputError(f"labels must lie in [0, {self.num_classes - 1}]")
+        arr = given.astype(np.int64).reshape(-1)
         if arr.shape != (n,):
             raise InputError(f"expected {n} labels, got {arr.size}")
         if arr.size and (arr.min() < 0 or arr.max() >= self.num_classes):
@@ -62,15 +107,25 @@ class Sampler:
 
     def check_request(self, n: object, seed: object, batch_size: object, start: object = 0) -> int:
         """Validate the arguments every sample() takes, and that the result fits in memory; returns n."""
-        for name, value, low in (("n", n, 0), ("seed", seed, 0), ("batch_size", batch_size, 1), ("start", start, 0)):
-            # numbers.Integral covers numpy integers; bool is excluded (True is no image count).
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise InputError(f"{name} must be an integer, got {value!r}")
-            if value < low:
-                raise InputError(f"{name} must be >= {low}, got {value}")
+        for name, value, low, high in (("n", n, 0, MAX_INDEX), ("seed", seed, 0, MAX_SEED),
+                                       ("batch_size", batch_size, 1, MAX_INDEX), ("start", start, 0, MAX_INDEX)):
+            check_int(name, value, low, high)
+        if int(start) + int(n) > MAX_INDEX:
+            raise InputError(f"start + n must be at most {MAX_INDEX} (image indices are 63-bit)")
+        return self.check_memory(int(n), int(batch_size), 8 * 4)
+
+    def work_batch(self, batch_size: int) -> int:
+        """The batch one graph call runs: batch_size, or fewer so it stays under MAX_BATCH_SUBPIXELS."""
+        h, w, c = self.image_shape
+        return max(1, min(int(batch_size), MAX_BATCH_SUBPIXELS // (h * w * c)))
+
+    def check_memory(self, n: int, batch_size: int, per_subpixel: int) -> int:
+        """Refuse a request whose uint8 result plus one batch of ``per_subpixel``-byte working arrays would not
+        fit in the memory available now; returns n."""
         h, w, c = self.image_shape
         need = int(n) * h * w * c  # the uint8 result; batches of random numbers come on top, one at a time
-        batch = min(int(n), int(batch_size)) * h * w * c * 8 * 4  # float64 uniforms and working arrays
+        # One batch of float64 uniforms and working arrays.
+        batch = min(int(n), self.work_batch(batch_size)) * h * w * c * per_subpixel
         available = available_memory()
         if available is not None and need + batch > available:
             raise InputError(
@@ -356,6 +411,7 @@ class AutoregressiveSampler(Sampler):
         labels: np.ndarray | list[int] | None, start: int, decoder: str, progress: bool,
     ) -> np.ndarray:
         n = self.check_request(n, seed, batch_size, start)
+        batch_size = self.work_batch(batch_size)
         auto = decoder == "auto"
         decoder = self._check_decoder(decoder, min(n, batch_size))
         self.last_stats = {"decoder": decoder, "iterations": [], "forward_passes": 0.0, "parallel_images": 0,
@@ -382,10 +438,11 @@ class AutoregressiveSampler(Sampler):
     ) -> np.ndarray:
         """log p(image) in nats for each image, float64 (N,): a log-probability, so <= 0. The NLL that
         gen-eval reports (``nats_per_image``) is the mean of its negation."""
+        check_int("batch_size", batch_size, 1, MAX_INDEX)
         images = self.check_images(images)
         lab = self.resolve_labels(len(images), labels)
         out = np.zeros(len(images), dtype=np.float64)
-        for a, b in chunks(len(images), batch_size):
+        for a, b in chunks(len(images), self.work_batch(batch_size)):
             x = images[a:b].transpose(0, 3, 1, 2)  # (B, C, H, W)
             lp = self.forward(x.astype(np.float32), None if lab is None else lab[a:b])  # (B, C, H, W, K)
             picked = np.take_along_axis(lp, x[..., None].astype(np.int64), axis=-1)[..., 0]
@@ -419,10 +476,11 @@ class LatentSampler(Sampler):
         self, images: np.ndarray, *, labels: np.ndarray | list[int] | None = None, batch_size: int = 64
     ) -> tuple[np.ndarray, np.ndarray]:
         """(mean, log-variance) of q(z|x), each float32 (N, Z); an autoencoder's log-variance is zero."""
+        check_int("batch_size", batch_size, 1, MAX_INDEX)
         images = self.check_images(images)
         lab = self.resolve_labels(len(images), labels)
         means, logvars = [], []
-        for a, b in chunks(len(images), batch_size):
+        for a, b in chunks(len(images), self.work_batch(batch_size)):
             x = images[a:b].transpose(0, 3, 1, 2)
             out = self.backend.run("encode", self._feed("x", x, None if lab is None else lab[a:b]))
             means.append(out[0])
@@ -434,13 +492,18 @@ class LatentSampler(Sampler):
         mode: str = "mean", seed: int = 0, start: int = 0,
     ) -> np.ndarray:
         """Latents (N, Z) -> uint8 levels (N, H, W, C)."""
-        z = np.asarray(z, dtype=np.float64)
-        if z.ndim != 2 or z.shape[1] != self.latent_size:
-            raise InputError(f"expected latents of shape (N, {self.latent_size}), got {z.shape}")
+        if mode not in LATENT_MODES:
+            raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(LATENT_MODES)}")
+        check_int("seed", seed, 0, MAX_SEED)
+        check_int("start", start, 0, MAX_INDEX)
+        check_int("batch_size", batch_size, 1, MAX_INDEX)
+        z = as_latents(z, self.latent_size)
+        # A VAE's decode graph returns per-level float32 log-probabilities for every sub-pixel of a batch.
+        self.check_memory(len(z), batch_size, 4 * self.levels + 16)
         lab = self.resolve_labels(len(z), labels, start)
         h, w, c = self.image_shape
         out = np.zeros((len(z), h, w, c), dtype=np.uint8)
-        for a, b in chunks(len(z), batch_size):
+        for a, b in chunks(len(z), self.work_batch(batch_size)):
             res = self.backend.run("decode", self._feed("z", z[a:b], None if lab is None else lab[a:b]))[0]
             if not self.is_vae:
                 out[a:b] = levels_from_mean(res, self.levels)
@@ -455,6 +518,8 @@ class LatentSampler(Sampler):
     ) -> np.ndarray:
         """n images from z = mean + std * eps, eps ~ N(0, I) drawn from (seed, start + i): (n, H, W, C)."""
         n = self.check_request(n, seed, batch_size, start)
+        if mode not in LATENT_MODES:
+            raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(LATENT_MODES)}")
         eps = normals(seed, start, start + n, self.latent_size) if n else np.zeros((0, self.latent_size))
         z = self.prior_mean + self.prior_std * eps
         with Progress(n, "sample", enabled=progress) as bar:
@@ -477,8 +542,8 @@ class LatentSampler(Sampler):
             a, b = a[None], b[None]
         if a.shape != b.shape:
             raise InputError(f"a and b must have the same shape, got {a.shape} and {b.shape}")
-        if steps < 2:
-            raise InputError(f"steps must be >= 2, got {steps}")
+        check_int("steps", steps, 2, MAX_INDEX)
+        self.check_memory(len(a) * int(steps), 64, 4 * self.levels + 16)
         lab = self.resolve_labels(len(a), labels)
         za, _ = self.encode(a, labels=lab)
         zb, _ = self.encode(b, labels=lab)
@@ -499,13 +564,14 @@ class GANSampler(Sampler):
     def generate(
         self, z: np.ndarray, *, labels: np.ndarray | list[int] | None = None, batch_size: int = 64, start: int = 0
     ) -> np.ndarray:
-        z = np.asarray(z, dtype=np.float32)
-        if z.ndim != 2 or z.shape[1] != self.latent_size:
-            raise InputError(f"expected latents of shape (N, {self.latent_size}), got {z.shape}")
+        check_int("start", start, 0, MAX_INDEX)
+        check_int("batch_size", batch_size, 1, MAX_INDEX)
+        z = as_latents(z, self.latent_size).astype(np.float32)
+        self.check_memory(len(z), batch_size, 16)
         lab = self.resolve_labels(len(z), labels, start)
         h, w, c = self.image_shape
         out = np.zeros((len(z), h, w, c), dtype=np.uint8)
-        for a, b in chunks(len(z), batch_size):
+        for a, b in chunks(len(z), self.work_batch(batch_size)):
             feed = {"z": np.ascontiguousarray(z[a:b])}
             if lab is not None:
                 feed["labels"] = lab[a:b]

@@ -57,7 +57,7 @@ class TritonBackend:
 
     def _load_model(self) -> Any:
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_safetensors
 
         from genforge.models import build_model
         from genforge.triton_kernels.masked_conv import masked_conv2d_packed, pack_masked_conv
@@ -67,7 +67,7 @@ class TritonBackend:
             raise BundleError(f"{self.bundle.path}: the bundle has no weights file for the triton backend")
         try:
             model = build_model(m["model"], m["model_config"])
-            state = load_file(str(self.bundle.path / m["weights"]))
+            state = load_safetensors(self.bundle.read(str(m["weights"])))  # the bytes hashed at load
             model.load_state_dict(state)
         except (SafetensorError, ValueError, RuntimeError, KeyError) as e:
             raise BundleError(f"{self.bundle.path}: cannot rebuild the model from its weights ({e})") from None

@@ -200,8 +200,15 @@ def load_run(run_dir: str | Path, *, ema: bool = False) -> tuple[nn.Module, RunC
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
-    with atomic_open(path, "wb") as f:
-        torch.save({"format": STATE_FORMAT, "version": STATE_VERSION, **state, "sha256": digest(state)}, f)
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save({"format": STATE_FORMAT, "version": STATE_VERSION, **state, "sha256": digest(state)}, f)
+    except RuntimeError as e:  # torch.save reports a failed write ("unexpected pos") as a RuntimeError
+        raise CheckpointError(f"{path}: could not write the checkpoint ({str(e).splitlines()[0]}; is the disk "
+                              "full?); the previous checkpoint is intact") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: could not write the checkpoint ({e.strerror}); the previous checkpoint is "
+                              "intact") from None
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

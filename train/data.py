@@ -162,16 +162,25 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images), labels_arr.astype(np.int64)
 
 
+MAX_IMAGE_PIXELS = 1 << 25  # 32 M pixels (a 5,792-pixel square): far above any image these models train on
+
+
 def read_image(path: Path, size: int, channels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            w, h = im.size  # from the header: nothing is decoded yet
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: a {w}x{h} image, more than the {MAX_IMAGE_PIXELS} pixels this reader "
+                                "decodes (a decompression bomb?)")
             im = im.convert("RGB" if channels == 3 else "L")
             im = im.resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: more pixels than this reader decodes (a decompression bomb?)") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: not a readable PNG/JPEG image ({e})") from None
+        raise DataError(f"{path}: not a readable PNG/JPEG image ({type(e).__name__})") from None
     return arr.reshape(size, size, channels)
 
 
@@ -196,8 +205,8 @@ def _digits(path: Path | None) -> dict[str, ImageData]:
     raw = _open_maybe_gzip(path)
     try:
         table = np.loadtxt(io.StringIO(raw.decode("ascii")), delimiter=",", dtype=np.float64, ndmin=2)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not the digits CSV (65 comma-separated integers a line): {e}") from None
+    except (ValueError, UnicodeDecodeError):  # the reader's message quotes the file: keep it out of ours
+        raise DataError(f"{path}: not the digits CSV (65 comma-separated integers a line)") from None
     if table.shape[1] != 65 or table.min() < 0 or table[:, :64].max() > 16:
         raise DataError(f"{path}: not the digits CSV (65 columns, pixel values 0..16)")
     images = table[:, :64].astype(np.uint8).reshape(-1, 8, 8, 1)
@@ -226,8 +235,10 @@ def _binarized_mnist(path: Path) -> dict[str, ImageData]:
             arr = arr.reshape(-1, 28, 28)
         if arr.ndim != 3 or arr.shape[1:] != (28, 28):
             raise DataError(f"{path}: array {split!r} has shape {arr.shape}, expected (N, 28, 28) or (N, 784)")
-        if arr.size and (arr.min() < 0 or arr.max() > 1):
-            raise DataError(f"{path}: array {split!r} holds values outside {{0, 1}}")
+        if arr.dtype.kind not in "biuf" or (arr.size and not np.isin(arr, (0, 1)).all()):
+            # Grey values, NaN or strings would be cast to 0 by astype(uint8): refuse rather than train on zeros.
+            raise DataError(f"{path}: array {split!r} ({arr.dtype}) holds values other than 0 and 1 (static "
+                            "binarized MNIST is binary; binarize grey images first)")
         out[split] = ImageData(arr.astype(np.uint8)[..., None], None, levels=2)
     return out
 
@@ -360,3 +371,16 @@ def dynamic_binarize(images: np.ndarray, levels: int, rng: np.random.Generator) 
     """Bernoulli(intensity) samples of grey images: a fresh binarization each time it is called."""
     p = images.astype(np.float32) / (levels - 1)
     return (rng.random(p.shape, dtype=np.float32) < p).astype(np.uint8)
+
+
+def binarized_once(data: ImageData, seed: int) -> ImageData:
+    """The held-out images of a dynamically binarized model: one Bernoulli draw of each grey image, fixed by
+    ``seed``, so every evaluation (each epoch's, gen-eval's) scores the same binary images."""
+    if data.levels <= 2:
+        return data
+    rng = np.random.default_rng([seed, BINARIZE_STREAM])
+    return ImageData(dynamic_binarize(data.images, data.levels, rng), data.labels, 2, data.num_classes,
+                     f"{data.origin}, binarized once (Bernoulli of the grey levels, seed {seed})")
+
+
+BINARIZE_STREAM = 0xB1  # keeps the held-out draw apart from the training steps' (seed, step, 1) streams

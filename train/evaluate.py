@@ -25,7 +25,7 @@ from genforge.runtime.progress import Progress, chunks
 
 from . import scores
 from .checkpoint import CONFIG_FILE, load_run, read_run_config
-from .data import ImageData
+from .data import ImageData, binarized_once
 from .objectives import eager_latent_functions, objective_for
 from .quality import sample_quality, train_feature_net
 from .run import DataSpec, UsageError, check_data_matches, same_path
@@ -149,19 +149,32 @@ def evaluate_path(
     elif (p / CONFIG_FILE).is_file():
         scorer, kind = _eager_scorer(p), "run"
         run = read_run_config(p)
-        source = {"data": run.data, "seed": run.train.get("seed")}
+        source = {"data": run.data, "seed": run.train.get("seed"),
+                  "dynamic_binarize": bool(run.train.get("dynamic_binarize"))}
     else:
         raise UsageError(f"{p}: neither a run directory (config.json) nor a bundle (manifest.json)")
-    spec, split_seed, trained_on = eval_data(source, dict(data or {}), seed, f"{p}")
+    given = dict(data or {})
+    recorded = (source.get("data") or {}) if kind == "bundle" else {}
+    if kind == "bundle" and recorded.get("path") is not None and "path" not in given:
+        # A downloaded bundle's manifest is not the user's word: its data path is shown, never opened.
+        raise UsageError(f"{p}: the bundle was trained on {recorded.get('name')!r} data at {recorded['path']!r} "
+                         "(as its manifest says); pass --data-path to score it (bundles name no files to open)")
+    spec, split_seed, trained_on = eval_data(source, given, seed, f"{p}")
     levels = int(scorer.config["levels"])
-    if spec.levels is None:
+    dynamic = bool(source.get("dynamic_binarize")) and levels == 2
+    if spec.levels is None and not dynamic:  # a dynamically binarized model is scored on a draw of grey data
         spec.levels = levels
     ds = spec.load(split, split_seed)
+    if dynamic and ds.levels > 2:
+        ds = binarized_once(ds, split_seed)  # the draw the run's own evaluations scored
     check_data_matches(scorer.config, ds, split)
     if limit:
         ds = ds.subset(np.arange(min(limit, len(ds))))
     out: dict[str, Any] = {"path": str(p), "kind": kind, "family": scorer.family, "data": spec.name,
                            "split": split, "split_origin": ds.origin, "split_seed": split_seed, "images": len(ds)}
+    if trained_on:  # where the carving seed came from: a bundle's is its manifest's word, which nothing checks
+        out["split_seed_from"] = ("the bundle's manifest (source.seed; trusted, see docs/bundle.md)"
+                                  if kind == "bundle" else "the run's config.json")
     if trained_on and split == source["data"].get("split", "train"):
         out["warning"] = f"the model was trained on this split ({split}): these are not held-out scores"
     out.update(score_likelihoods(scorer, ds, batch_size=batch_size, iw_samples=iw_samples, seed=seed,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,14 +14,24 @@ import torch
 
 from genforge.models import get_spec
 from genforge.models.base import ConfigError
-from genforge.runtime.files import LOCK_FILE, atomic_write_json, exclusive_lock
+from genforge.runtime.files import (
+    LOCK_FILE,
+    aside_name,
+    atomic_write_json,
+    clean_dead_siblings,
+    exclusive_lock,
+    remove_tree,
+    replace_dir,
+)
 
 from . import checkpoint as ckpt
-from .data import DataError, ImageData, load_dataset
+from .data import DataError, ImageData, binarized_once, load_dataset
 from .distributed import from_env, init
 from .errors import UsageError
 from .objectives import objective_for, objective_options
 from .trainer import TrainConfig, Trainer, TrainingError, choose_threads, resolve_device
+
+MAX_IMAGE_SIDE = 1024  # models.base.FIELD_BOUNDS' height and width
 
 
 @dataclass
@@ -39,6 +50,8 @@ class DataSpec:
         if self.name == "folder":
             self.image_size = 32 if self.image_size is None else self.image_size
             self.channels = 3 if self.channels is None else self.channels
+            if not isinstance(self.image_size, int) or not 1 <= self.image_size <= MAX_IMAGE_SIDE:
+                raise UsageError(f"--image-size must be an integer in [1, {MAX_IMAGE_SIDE}], got {self.image_size!r}")
         else:
             self.image_size = self.channels = None
 
@@ -85,20 +98,40 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def prepare_out_dir(out: Path, *, overwrite: bool) -> None:
-    """Empty ``out`` for a new run (it must be a run itself to be replaced); its lock file stays, held."""
+RUN_ENTRIES = frozenset({ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, ckpt.EMA_WEIGHTS_FILE, ckpt.STATE_FILE,
+                         ckpt.METRICS_FILE, "samples", "tb", LOCK_FILE})
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """What in ``out`` a genforge run does not write (its files, samples/, tb/, its lock, atomic-write temps)."""
+    return sorted(p.name for p in out.iterdir()
+                  if p.name not in RUN_ENTRIES and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+
+def check_replaceable(out: Path) -> None:
+    """``out`` may be replaced by a new run only if it is a genforge run and holds nothing else."""
+    try:
+        ckpt.read_run_config(out)
+    except ckpt.CheckpointError:
+        raise UsageError(f"{out}: refusing to overwrite a directory that is not a genforge run "
+                         f"(no readable genforge {ckpt.CONFIG_FILE})") from None
+    foreign = foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UsageError(f"{out}: refusing to overwrite: it holds files a genforge run does not write ({shown})")
+
+
+def needs_replacing(out: Path, *, overwrite: bool) -> bool:
+    """True when ``out`` holds a run that --overwrite will replace; False when it is new or empty."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
     entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
-    if entries:
-        if not overwrite:
-            raise UsageError(f"{out}: output directory exists and is not empty (pass --overwrite or --resume)")
-        if not (out / ckpt.CONFIG_FILE).exists():
-            raise UsageError(f"{out}: refusing to overwrite a directory that is not a genforge run")
-        for p in entries:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if not entries:
+        return False
+    if not overwrite:
+        raise UsageError(f"{out}: output directory exists and is not empty (pass --overwrite or --resume)")
+    check_replaceable(out)
+    return True
 
 
 # gen-train options a resumed run may change: how long it trains and what it records, not what it learns
@@ -213,20 +246,90 @@ def _start(
 ) -> RunResult:
     tcfg.validate()
     train_data = data.load(data.split, tcfg.seed)
-    model_cfg = {**default_model_config(model_name, train_data, data.conditional), **overrides}
+    defaults = default_model_config(model_name, train_data, data.conditional)
+    if tcfg.dynamic_binarize:
+        # Each step draws binary images from the grey ones: the model sees 2 levels whatever the data has.
+        if train_data.levels <= 2:
+            raise UsageError(f"--dynamic-binarize draws binary images from grey levels, but the {data.name} data "
+                             f"has {train_data.levels} levels already (drop the flag, or pass grey data)")
+        if overrides.get("levels", 2) != 2:
+            raise UsageError(f"--dynamic-binarize trains a 2-level model; levels={overrides['levels']} contradicts "
+                             "it")
+        defaults["levels"] = 2
+        if "likelihood" in defaults:
+            defaults["likelihood"] = "bernoulli"
+    model_cfg = {**defaults, **overrides}
     model_cfg = get_spec(model_name).config_cls.from_dict(model_cfg).to_dict()
+    check_fits(model_name, model_cfg, tcfg.batch_size)
     info = from_env()
     if info.enabled and out is None:
         raise UsageError("distributed runs need --out (every process must name the same run directory)")
+    if out is not None and not str(out).strip():
+        raise UsageError("--out is empty (name a run directory)")
     run_dir = Path(out) if out is not None else next_run_dir(Path("runs"), f"{model_name}-{data.name}")
     options = objective_options(get_spec(model_name).family, objective)
     run = ckpt.RunConfig(model_name, model_cfg, vars(data), tcfg.to_dict(), options)
     if not info.is_main:  # the other ranks only read the run directory that rank 0 prepares
         return _fit(run, run_dir, train_data, device, progress, resume=False)
+    lock_was_there = (run_dir / LOCK_FILE).exists()
     with run_lock(run_dir):
-        prepare_out_dir(run_dir, overwrite=overwrite)
-        atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
-        return _fit(run, run_dir, train_data, device, progress, resume=False)
+        clean_dead_siblings(run_dir)
+        try:
+            replace = needs_replacing(run_dir, overwrite=overwrite)
+        except UsageError:
+            if not lock_was_there:  # a directory that is not ours keeps no trace of the refusal
+                (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            raise
+        if not replace:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / ckpt.CONFIG_FILE, run.to_json())
+            return _fit(run, run_dir, train_data, device, progress, resume=False)
+        # The old run stays whole until the new one has its first checkpoint: the new run trains in a staging
+        # directory beside it, which then replaces it by renames (a run that fails before that leaves the old
+        # one as it was).
+        staging = aside_name(run_dir, "staging")
+        staging.mkdir()
+        try:
+            with exclusive_lock(staging / LOCK_FILE, f"run directory {staging}"):
+                atomic_write_json(staging / ckpt.CONFIG_FILE, run.to_json())
+
+                def publish(trainer: Trainer) -> None:
+                    replace_dir(staging, run_dir)
+                    trainer.run_dir = run_dir
+
+                try:
+                    return _fit(run, staging, train_data, device, progress, resume=False,
+                                on_first_checkpoint=publish)
+                except TrainingError as e:
+                    if not staging.exists():  # failed after it replaced the old run: its checkpoint is named
+                        raise
+                    first = str(e).split("; no checkpoint had been written yet")[0]
+                    raise TrainingError(f"{first}; {run_dir} still holds the run it held before") from None
+        finally:
+            if staging.exists():
+                remove_tree(staging)
+
+
+MAX_PARAMETERS = 1 << 31
+
+
+def check_fits(model_name: str, model_cfg: dict[str, Any], batch: int) -> None:
+    """Refuse a model or batch that cannot train in this machine's memory, before anything is allocated:
+    float32 weights, gradients and Adam's two moments (16 bytes a parameter), plus the activations a step
+    keeps for its backward pass, counted on the meta device (estimate_size)."""
+    from genforge.models.registry import estimate_size
+    from genforge.runtime.sampler import available_memory
+
+    params, activations = estimate_size(model_name, model_cfg, batch)
+    if params > MAX_PARAMETERS:
+        raise UsageError(f"the model would have {params:,} parameters (more than {MAX_PARAMETERS:,}); "
+                         "lower --set hidden/layers")
+    need = 16 * params + 2 * activations
+    free = available_memory()
+    if free is not None and need > free:
+        raise UsageError(f"training this model at batch {batch} needs about {need / 2**30:.1f} GiB "
+                         f"({params:,} parameters, {activations / 2**30:.1f} GiB of activations); "
+                         f"{free / 2**30:.1f} GiB is available (lower --batch-size or the model's size)")
 
 
 def run_lock(run_dir: Path) -> Any:
@@ -248,10 +351,35 @@ def _resume(run_dir: Path, run: ckpt.RunConfig, changes: dict[str, Any], device:
         return _fit(run, run_dir, train_data, device, progress, resume=True)
 
 
+def train_config_from(values: dict[str, Any], source: str | Path) -> TrainConfig:
+    """config.json's training fields, checked: known names, the field's type, valid values."""
+    fields = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UsageError(f"{source}: unknown training field(s) {', '.join(unknown)}")
+    for key, value in values.items():
+        want = fields[key]
+        if want is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif want is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, want)
+        if not ok:
+            raise UsageError(f"{source}: training field {key!r} must be {want.__name__}, got {value!r}")
+    cfg = TrainConfig(**values)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UsageError(f"{source}: {e}") from None
+    return cfg
+
+
 def _fit(
-    run: ckpt.RunConfig, run_dir: Path, train_data: ImageData, device: str, progress: bool, *, resume: bool
+    run: ckpt.RunConfig, run_dir: Path, train_data: ImageData, device: str, progress: bool, *, resume: bool,
+    on_first_checkpoint: Any = None,
 ) -> RunResult:
-    tcfg = TrainConfig(**run.train)
+    tcfg = train_config_from(run.train, run_dir / ckpt.CONFIG_FILE)
     data = DataSpec(**run.data)
     dev = resolve_device(device)
     info = from_env()
@@ -262,15 +390,25 @@ def _fit(
     torch.manual_seed(tcfg.seed)
     net, config = ckpt.model_from_config(run, run_dir / ckpt.CONFIG_FILE)
     valid_data = data.load(data.eval_split, tcfg.seed) if data.eval_split else None
+    if tcfg.dynamic_binarize and valid_data is not None:
+        valid_data = binarized_once(valid_data, tcfg.seed)
     for split_name, d in (("training", train_data), ("held-out", valid_data)):
         if d is not None:
-            check_data_matches(config.to_dict(), d, split_name)
+            seen = d  # a dynamically binarized run's steps see binary images of the grey ones
+            if tcfg.dynamic_binarize and d is train_data:
+                seen = ImageData(d.images[:1], None if d.labels is None else d.labels[:1], 2, d.num_classes)
+            check_data_matches(config.to_dict(), seen, split_name)
     objective = objective_for(net, run.objective, lr=tcfg.lr, train_data=train_data)
     trainer = Trainer(net, objective, train_data, valid_data, run_dir, tcfg, device=dev, progress=progress,
                       dist_info=info)
+    trainer.on_first_checkpoint = on_first_checkpoint
     if resume:
         trainer.resume()
+        if trainer.step > trainer.total_steps:
+            raise UsageError(f"{run_dir}: the run is at step {trainer.step}, past the {trainer.total_steps} "
+                             "steps asked for: nothing to train (a run cannot be shortened; export it as it is)")
     metrics = trainer.fit()
+    run_dir = trainer.run_dir
     samples = sorted((run_dir / "samples").glob("epoch_*.png"))
     return RunResult(run_dir, trainer.step, metrics, samples[-1] if samples else None)
 

@@ -66,7 +66,8 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0  # 0: off
     seed: int = 0
-    amp: bool = True  # bfloat16 autocast, on CUDA only
+    amp: bool = True  # bfloat16 autocast on CUDA
+    cpu_bf16: bool = False  # bfloat16 autocast on the CPU too, where it has native bf16 (AVX512-BF16 / AMX)
     eval_batch_size: int = 256
     eval_limit: int = 0  # images of the held-out split scored per epoch; 0: all
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of each epoch only
@@ -85,6 +86,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's AVX512-BF16 or AMX kernels); elsewhere bf16
+    autocast is emulated and slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def resolve_device(device: str) -> torch.device:
@@ -189,6 +199,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(_LossModule(model, objective), device_ids=ids)
         self.tb = _tensorboard(self.run_dir / "tb") if self.dist.is_main else None
+        # Called once, after the first checkpoint is written (gen-train --overwrite publishes the new run then).
+        self.on_first_checkpoint: Any = None
         self.ema: dict[str, torch.Tensor] | None = None
         if config.ema:
             self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -229,6 +241,10 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     @property
+    def metrics_path(self) -> Path:  # a property: the run directory moves when --overwrite publishes it
+        return self.run_dir / ckpt.METRICS_FILE
+
+    @property
     def state_path(self) -> Path:
         return self.run_dir / ckpt.STATE_FILE
 
@@ -253,6 +269,9 @@ class Trainer:
                 "ema": self.ema or {},
             },
         )
+        if self.on_first_checkpoint is not None:
+            publish, self.on_first_checkpoint = self.on_first_checkpoint, None
+            publish(self)
         barrier(self.dist)
 
     def checkpoint_status(self) -> str:
@@ -356,15 +375,18 @@ class Trainer:
                 self.tb.add_scalar(f"{prefix}/{k}", v, self.step)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        # The weights stay float32 (autocast casts per operation); the heads compute log-probabilities and
+        # the likelihood's sums in float32 (models/base.py grid_log_probs).
         if self.cfg.amp and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.cfg.cpu_bf16 and self.device.type == "cpu" and cpu_has_bf16():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, float]:
         """Train until ``total_steps``; returns the last held-out metrics (empty when there is no split)."""
-        metrics_path = self.run_dir / ckpt.METRICS_FILE
         self.model.train()
         last_eval: dict[str, float] = {}
         t0 = time.monotonic()
@@ -381,12 +403,12 @@ class Trainer:
                 self.step = step + 1
                 record = {"step": self.step, "loss": float(loss.detach()), "lr": lr, **batch_metrics}
                 if self.dist.is_main and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
-                    ckpt.append_jsonl(metrics_path, {**record, "time": round(time.monotonic() - t0, 3)})
+                    ckpt.append_jsonl(self.metrics_path, {**record, "time": round(time.monotonic() - t0, 3)})
                     self.log_scalars("train", record)
                 bar.update(1, loss=record["loss"])
                 epoch_end = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
                 if epoch_end:
-                    last_eval = self.end_epoch(metrics_path)
+                    last_eval = self.end_epoch(self.metrics_path)
                 if epoch_end or (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0):
                     self.save_checkpoint()
         return last_eval

@@ -72,6 +72,29 @@ static Graph load_graph(const std::string& dir, const json& m, const std::string
   return {torch::jit::load(dir + "/" + m["graphs"][key]["file"].get<std::string>()), m["graphs"][key]};
 }
 
+// Version 7: the weights' safetensors metadata keeps the manifest's bound fields as exported (docs/bundle.md,
+// "Bound fields"); a manifest that contradicts them was edited.
+static void check_binding(const std::string& dir, const json& m) {
+  if (m["version"].get<int>() < 7) return;
+  std::ifstream f(dir + "/" + m["weights"].get<std::string>(), std::ios::binary);
+  unsigned char len[8] = {};
+  f.read(reinterpret_cast<char*>(len), 8);
+  uint64_t size = 0;
+  for (int i = 7; i >= 0; --i) size = size << 8 | len[i];  // little-endian
+  if (!f || size > (100u << 20)) throw std::runtime_error(dir + ": the weights are not a safetensors file");
+  std::string header(size, '\0');
+  f.read(header.data(), std::streamsize(size));
+  const json meta = json::parse(header).value("__metadata__", json::object());
+  if (!meta.contains("genforge.manifest")) throw std::runtime_error(dir + ": the weights lack the bound fields");
+  const json bound = json::parse(meta["genforge.manifest"].get<std::string>());
+  for (const char* k : {"family", "model", "model_config", "image", "levels", "num_classes", "likelihood",
+                        "latent_size", "prior", "caches"}) {
+    const json have = m.contains(k) ? m[k] : json(), want = bound.contains(k) ? bound[k] : json();
+    if (have != want)
+      throw std::runtime_error(dir + ": manifest field " + k + " contradicts the weights (the manifest was edited)");
+  }
+}
+
 int main(int argc, char** argv) try {
   if (argc < 2) throw std::runtime_error("usage: sample BUNDLE [--n N] [--seed S] [--start I] [--out FILE]");
   const std::string dir = argv[1];
@@ -82,11 +105,12 @@ int main(int argc, char** argv) try {
 
   json m = json::parse(std::ifstream(dir + "/manifest.json"));
   if (m["format"] != "genforge-bundle") throw std::runtime_error(dir + ": not a genforge bundle");
-  if (m["version"] != 4 && m["version"] != 5 && m["version"] != 6)
-    throw std::runtime_error("bundle format version " + m["version"].dump() + "; this reads 4 to 6");
+  if (m["version"] != 4 && m["version"] != 5 && m["version"] != 6 && m["version"] != 7)
+    throw std::runtime_error("bundle format version " + m["version"].dump() + "; this reads 4 to 7");
   if (m["randomness"]["name"] != "philox4x32-10" || m["randomness"]["version"] != 1)
     throw std::runtime_error("unknown randomness scheme " + m["randomness"].dump());
   if (m["family"] != "autoregressive") throw std::runtime_error("this client samples autoregressive bundles");
+  check_binding(dir, m);
   const int64_t H = m["image"]["height"], W = m["image"]["width"], C = m["image"]["channels"], K = m["levels"];
   const int64_t classes = m.value("num_classes", 0);
   torch::NoGradGuard no_grad;

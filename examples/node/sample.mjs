@@ -68,11 +68,33 @@ function inverseCdf(logProbs, offset, K, u) {
 function readManifest(dir) {
   const m = JSON.parse(readFileSync(join(dir, "manifest.json"), "utf8"));
   if (m.format !== "genforge-bundle") throw new Error(`${dir}: not a genforge bundle`);
-  if (![4, 5, 6].includes(m.version)) throw new Error(`${dir}: bundle format version ${m.version}; this client reads 4 to 6`);
+  if (![4, 5, 6, 7].includes(m.version)) throw new Error(`${dir}: bundle format version ${m.version}; this client reads 4 to 7`);
   const r = m.randomness;
   if (r.name !== "philox4x32-10" || r.version !== 1) throw new Error(`unknown randomness ${JSON.stringify(r)}`);
   if (m.family !== "autoregressive") throw new Error(`this client samples autoregressive bundles, not ${m.family}`);
+  checkBinding(dir, m);
   return m;
+}
+
+// Version 7: the weights' safetensors metadata keeps the manifest's bound fields as exported (docs/bundle.md,
+// "Bound fields"); a manifest that contradicts them was edited.
+const BOUND = ["family", "model", "model_config", "image", "levels", "num_classes", "likelihood", "latent_size",
+  "prior", "caches"];
+const canonical = (v) => JSON.stringify(v ?? null, (_, x) =>
+  x && typeof x === "object" && !Array.isArray(x) ? Object.fromEntries(Object.entries(x).sort()) : x);
+function checkBinding(dir, m) {
+  if (m.version < 7) return;
+  const raw = readFileSync(join(dir, m.weights));
+  const size = Number(raw.readBigUInt64LE(0));
+  if (size > raw.length - 8) throw new Error(`${dir}: ${m.weights} is not a safetensors file`);
+  const meta = JSON.parse(raw.subarray(8, 8 + size).toString("utf8")).__metadata__ ?? {};
+  if (typeof meta["genforge.manifest"] !== "string") throw new Error(`${dir}: the weights lack the bound fields`);
+  const bound = JSON.parse(meta["genforge.manifest"]);
+  for (const k of BOUND) {
+    if (canonical(m[k]) !== canonical(bound[k])) {
+      throw new Error(`${dir}: manifest field ${k} contradicts the weights (the manifest was edited)`);
+    }
+  }
 }
 
 const session = (dir, m, name) => ort.InferenceSession.create(join(dir, m.graphs[`${name}.onnx`].file));
