@@ -34,6 +34,7 @@ import torch
 
 from genforge.models.graphs import GraphDef
 from genforge.models.incremental import OnnxOps
+from genforge.models.layers import MaskedConv2d
 from genforge.runtime.bundle import (
     BINDING_KEY,
     BUNDLE_FORMAT,
@@ -416,6 +417,9 @@ def _export_locked(
 ) -> Path:
     model, run = load_run(run_dir, ema=ema)
     model = model.float().cpu().eval()
+    for m in model.modules():
+        if isinstance(m, MaskedConv2d):
+            m.fold_mask()  # each graph then stores the masked weight once, not weight and mask
     # Wrappers in eval mode too: the ONNX exporter restores each wrapper's own mode afterwards, recursively,
     # which would put batch norm back into training mode before verification.
     defs = model.export_graphs()

@@ -95,8 +95,19 @@ class MaskedConv2d(nn.Conv2d):
             persistent=False,
         )
 
+    folded = False  # True once fold_mask() has multiplied the mask into the weight (exported graphs)
+
     def masked_weight(self) -> torch.Tensor:
-        return self.weight * self.mask
+        return self.weight if self.folded else self.weight * self.mask
+
+    @torch.no_grad()
+    def fold_mask(self) -> None:
+        """Multiply the mask into the weight once, so a traced or exported graph holds the masked weight
+        alone: no mask tensor beside it, no multiply per call. Exact: the product a call computes is this
+        one (and masking a folded weight again changes nothing, the mask being 0/1)."""
+        if not self.folded:
+            self.weight.mul_(self.mask)
+            self.folded = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.masked_weight(), self.bias, padding=self.padding)

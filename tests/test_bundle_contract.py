@@ -385,3 +385,31 @@ def test_apply_updates_writes_along_the_stated_axis(axis: int) -> None:
     plan = [(0, "column", "v0", "i0", None, axis), (0, "span", "v1", None, 2, axis)]
     apply_updates([cache], plan, {"v0": col, "i0": np.array([7]), "v1": span})
     np.testing.assert_array_equal(cache, expect)
+
+
+def test_a_folded_masked_convolution_computes_exactly_what_the_masked_one_did(fresh_seed: int) -> None:
+    from genforge.models.layers import MaskedConv2d
+
+    g = torch.Generator().manual_seed(fresh_seed)
+    for mask_type, groups in (("A", 1), ("B", 1), ("A", 3), ("B", 3)):
+        conv = MaskedConv2d(6, 6, 5, mask_type=mask_type, groups=groups)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        x = torch.randn(2, 6, 7, 7, generator=g)
+        before = conv(x)
+        conv.fold_mask()
+        conv.fold_mask()  # folding twice changes nothing
+        assert torch.equal(conv(x), before) and torch.equal(conv.masked_weight(), conv.weight * conv.mask)
+
+
+@pytest.mark.parametrize("name", ["pixelcnn", "gated-pixelcnn", "pixelcnn-rgb"])
+def test_exported_onnx_graphs_hold_no_mask_tensors(family_bundles, name: str) -> None:
+    """The exporter folds each mask into its weight: a graph's initializers are about its weights (before,
+    every masked convolution also stored a float32 mask as large as its weight)."""
+    b = family_bundles[name]
+    from safetensors.numpy import load_file
+
+    weights = sum(a.nbytes for a in load_file(str(b / "weights.safetensors")).values())
+    model = onnx.load(str(b / "forward.onnx"))
+    stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    assert stored <= 1.1 * weights, (stored, weights)
