@@ -674,12 +674,14 @@ def test_the_python_api_raises_its_own_errors(family_bundles) -> None:
     ar = load(family_bundles["pixelcnn"], backend="onnx")
     vae = load(family_bundles["vae"], backend="onnx")
     gan = load(family_bundles["gan"], backend="onnx")
+    cond = load(family_bundles["gated-pixelcnn"], backend="onnx")  # class-conditional: labels are checked
     x = images_for(ar)
     calls = [
         lambda: ar.sample(2, seed=2**64), lambda: ar.sample(2, seed=-1), lambda: ar.sample(2.5),
-        lambda: ar.sample(2, labels=["a", "b"]), lambda: ar.log_prob(x, batch_size=0),
+        lambda: cond.sample(2, labels=["a", "b"]), lambda: cond.sample(2, labels=[2**70, 1]),
+        lambda: cond.log_prob(x[:2], labels=[1.7, 2.2]), lambda: ar.log_prob(x, batch_size=0),
         lambda: ar.log_prob(x, batch_size=1.5), lambda: ar.sample(2, batch_size=True),
-        lambda: gan.sample(2, labels=[1.7, 2.2]), lambda: gan.generate(np.full((2, 4), np.nan)),
+        lambda: cond.sample(2, labels=[1.7, 2.2]), lambda: gan.generate(np.full((2, 4), np.nan)),
         lambda: gan.generate(np.array([["a"] * 4])), lambda: vae.decode(np.zeros((2, 4)), seed=-1),
         lambda: vae.decode(np.full((2, 4), np.inf)), lambda: vae.sample(2, mode="median"),
         lambda: vae.interpolate(x[:1], x[1:2], steps=2.5), lambda: vae.interpolate(x[:1], x[1:2], steps=10**15),
