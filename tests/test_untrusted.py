@@ -727,8 +727,12 @@ def test_misleading_messages_are_gone(family_bundles, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     nxt = next(x for x in result.output.splitlines() if x.startswith("next:"))
     assert f"'{spaced}'" in nxt
-    for target in ("/proc/genforge-test.png",):
-        result = CliRunner().invoke(sample_command, [str(family_bundles["gan"]), "-n", "2", "-o", target, "--quiet"])
+    # Where nothing can be written (/proc, as a read-only file system would be): one line from each command.
+    run_dir = spaced
+    for command, args in ((sample_command, [str(family_bundles["gan"]), "-n", "2", "-o", "/proc/genforge-x.png"]),
+                          (export_command, [str(run_dir), "-o", "/proc/genforge-bundle"]),
+                          (train_command, [*TINY_FLAGS, "--steps", "1", "--out", "/proc/genforge-run"])):
+        result = CliRunner().invoke(command, [*args, "--quiet"] if command is sample_command else args)
         assert result.exit_code == 1 and one_line(result.output).startswith("Error:"), result.output
 
 
