@@ -50,6 +50,28 @@ def test_the_scheme_reproduces_its_test_vectors() -> None:
         np.testing.assert_array_max_ulp(got, np.array(case["normals"]), maxulp=1)
 
 
+def test_the_vectors_printed_in_the_spec_are_the_schemes() -> None:
+    """docs/bundle.md prints a few vectors so a client can be checked from the page alone: they must be the
+    scheme's own (a stale page would mislead a client that matches it)."""
+    import re
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "bundle.md").read_text()
+    rows = re.findall(r"^\| (philox4x32-10|uniforms|normals) \| (.+?) \| (.+?) \|$", page, flags=re.M)
+    assert {r[0] for r in rows} == {"philox4x32-10", "uniforms", "normals"}
+    for kind, given, values in rows:
+        if kind == "philox4x32-10":
+            counter, key = (json.loads(x) for x in re.findall(r"\[[^\]]*\]", given))
+            got = philox4x32(np.array(counter), tuple(key))
+            assert [int(v) for v in got] == json.loads(values.removeprefix("words "))
+            continue
+        seed, image, stream = (int(x) for x in re.findall(r"\d+", given))
+        want = [float(v) for v in values.split(", ")]
+        if kind == "uniforms":
+            assert uniforms(seed, image, image + 1, (len(want),), stream)[0].tolist() == want
+        else:
+            np.testing.assert_array_max_ulp(normals(seed, image, image + 1, len(want))[0], np.array(want), maxulp=1)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="compares with Triton's interpreter")
 def test_triton_philox_draws_the_same_words(fresh_seed: int) -> None:
     """A GPU kernel can draw its own uniforms: tl.philox with our key and counter layout gives our words."""
