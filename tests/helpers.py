@@ -56,3 +56,8 @@ def edited_bundle(bundle: Path, dest: Path, edit: Callable[[dict], object]) -> P
     edit(manifest)
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` by relative name, with its bytes: what "nothing changed" compares."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import FAMILY_MODELS
-from helpers import edited_bundle
+from helpers import edited_bundle, snapshot
 
 from genforge.cli.main import eval_command, export_command, sample_command, train_command
 from genforge.export import ExportError, export_run
@@ -41,10 +41,6 @@ def run_and_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     root = tmp_path_factory.mktemp("trust")
     run = tiny_run(root / "run", seed=2)
     return run, export_run(run, root / "bundle", formats=("onnx",))
-
-
-def snapshot(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------- 1. gen-export never deletes what is not a bundle

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import snapshot
 
 from genforge.cli.main import eval_command, export_command, sample_command, train_command
 from genforge.export import export_run
@@ -356,10 +357,6 @@ def add_hook(fn: Any) -> None:
 
 
 # ---------------------------------------------------------------- 3. replacing is atomic; nothing is lost
-
-
-def snapshot(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def hidden_siblings(path: Path) -> list[str]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from genforge.models import build_model, get_spec
 from genforge.models.base import ConfigError, ImageConfig
+from genforge.runtime.bundle import safetensors_metadata
 from genforge.runtime.files import atomic_open, atomic_write_bytes
 
 from .errors import CheckpointError
@@ -94,7 +95,7 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
     try:
         raw = path.read_bytes()
         state = st_load(raw)
-        meta = safetensors_metadata(raw)
+        meta = safetensors_metadata(raw, path)  # a BundleError (a ValueError) on a malformed header
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing weights file") from None
     except (SafetensorError, OSError, ValueError) as e:
@@ -103,13 +104,6 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
     if "sha256" in meta and meta["sha256"] != digest(state):
         raise CheckpointError(f"{path}: corrupt weights file (its tensors do not match their recorded sha256)")
     load_state_checked(model, state, path)
-
-
-def safetensors_metadata(raw: bytes) -> dict[str, str]:
-    """The __metadata__ of a safetensors file's header (the 8-byte length, then JSON)."""
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
-    return dict(header.get("__metadata__") or {})
 
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:

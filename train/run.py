@@ -394,10 +394,9 @@ def _fit(
         valid_data = binarized_once(valid_data, tcfg.seed)
     for split_name, d in (("training", train_data), ("held-out", valid_data)):
         if d is not None:
-            seen = d  # a dynamically binarized run's steps see binary images of the grey ones
-            if tcfg.dynamic_binarize and d is train_data:
-                seen = ImageData(d.images[:1], None if d.labels is None else d.labels[:1], 2, d.num_classes)
-            check_data_matches(config.to_dict(), seen, split_name)
+            # A dynamically binarized run's steps see binary draws of the grey training images.
+            binary = tcfg.dynamic_binarize and d is train_data
+            check_data_matches(config.to_dict(), d, split_name, levels=2 if binary else None)
     objective = objective_for(net, run.objective, lr=tcfg.lr, train_data=train_data)
     trainer = Trainer(net, objective, train_data, valid_data, run_dir, tcfg, device=dev, progress=progress,
                       dist_info=info)
@@ -413,13 +412,15 @@ def _fit(
     return RunResult(run_dir, trainer.step, metrics, samples[-1] if samples else None)
 
 
-def check_data_matches(model_cfg: dict[str, Any], data: ImageData, split: str) -> None:
+def check_data_matches(model_cfg: dict[str, Any], data: ImageData, split: str, *, levels: int | None = None) -> None:
+    """``levels``: the levels the model sees of this data, when not the data's own (dynamic binarization)."""
     c, h, w = data.shape
     want = (model_cfg["channels"], model_cfg["height"], model_cfg["width"])
     if (c, h, w) != want:
         raise UsageError(f"the {split} data has images of shape (C, H, W) = {(c, h, w)}, the model expects {want}")
-    if data.levels != model_cfg["levels"]:
-        raise UsageError(f"the {split} data has {data.levels} levels, the model expects {model_cfg['levels']}")
+    seen = data.levels if levels is None else levels
+    if seen != model_cfg["levels"]:
+        raise UsageError(f"the {split} data has {seen} levels, the model expects {model_cfg['levels']}")
     if model_cfg.get("num_classes") and data.labels is None:
         raise UsageError(f"the model is class-conditional but the {split} data has no labels")
     if model_cfg.get("num_classes") and data.labels is not None and data.labels.max() >= model_cfg["num_classes"]:
