@@ -10,9 +10,11 @@ ONNX uses torch's supported exporter (``dynamo=True``: torch.export, then onnxsc
 opset 18 or later. It exports every graph of every family correctly (parity below 1e-6 on the tiny test
 models); should it fail or miss the tolerance on some graph, that graph alone falls back to the deprecated
 TorchScript-based exporter (``dynamo=False``) and the manifest says so and why (``exporter``,
-``exporter_fallback``). Opsets below 18 use the TorchScript-based exporter only. TorchScript archives use
+``exporter_fallback``). Opsets below 18 use the TorchScript-based exporter only. The TorchScript archive uses
 ``torch.jit.trace`` (the graphs have no data-dependent control flow), isolated in ``_export_torchscript`` so
-that a ``torch.export`` / AOTInductor package can later sit beside it.
+that a ``torch.export`` / AOTInductor package can later sit beside it. Every tensor is stored once per format
+(bundle format 8, export/lean.py): the weights are written first, then the ONNX graphs' tensors are moved
+into external data in them and in one shared ``onnx.data``, and each ONNX graph is verified again as rewritten.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from genforge.runtime.randomness import SCHEME
 from genforge.train.checkpoint import load_run, save_weights
 
 from .errors import ExportError
+from .lean import ONNX_DATA, TORCHSCRIPT_ARCHIVE, externalize_onnx, trace_archive
 from .sample_graph import SAMPLE_GRAPH, build_sample_graph, verify_sample_graph
 
 WEIGHTS = "weights.safetensors"
@@ -160,9 +163,9 @@ def _export_onnx(
 
 
 def _with_argument_names(module: torch.nn.Module, names: list[str]) -> torch.nn.Module:
-    """``module`` behind a forward whose parameters are ``names``: TorchScript takes a traced method's
-    argument names from the Python signature, and a client calling the archive by name needs the manifest's
-    names there (``*rest`` would come out as ``buf``, ``buf0``, ...)."""
+    """``module`` behind a forward whose parameters are ``names``: torch.export maps ``dynamic_shapes`` onto
+    the Python signature, which ``*rest`` would hide (the TorchScript archive names its methods' arguments
+    the same way, export/lean.py)."""
     if not all(n.isidentifier() for n in names):
         raise ExportError(f"graph input names must be identifiers, got {names}")
 
@@ -181,13 +184,10 @@ def _with_argument_names(module: torch.nn.Module, names: list[str]) -> torch.nn.
     return Graph().eval()
 
 
-def _export_torchscript(g: GraphDef, path: Path, example: tuple[torch.Tensor, ...]) -> None:
-    with _quiet_export():
-        traced = torch.jit.trace(_with_argument_names(g.module, [i["name"] for i in g.inputs]), example,
-                                 check_trace=False)
-        # Freezing folds parameters into constants, so weight * mask is computed once here rather than on
-        # every call of a decoding step.
-        torch.jit.freeze(traced).save(str(path))
+def _export_torchscript(defs: list[GraphDef], path: Path, examples: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    """The bundle's one TorchScript archive, graph NAME its method NAME (export/lean.py)."""
+    with _quiet_export(), torch.no_grad():
+        trace_archive(defs, examples).save(str(path))
 
 
 def mutated_inputs(path: Path, g: GraphDef) -> list[str]:
@@ -198,7 +198,7 @@ def mutated_inputs(path: Path, g: GraphDef) -> list[str]:
     args = g.make_inputs(2, torch.Generator().manual_seed(1))
     before = [a.clone() for a in args]
     with torch.no_grad():
-        module(*args)
+        getattr(module, g.name)(*args)
     return [spec["name"] for spec, a, b in zip(g.inputs, args, before, strict=True) if not torch.equal(a, b)]
 
 
@@ -212,7 +212,8 @@ def _run_exported(fmt: str, path: Path, g: GraphDef, inputs: tuple[torch.Tensor,
         return list(sess.run(None, feed))
     with _quiet_export():
         module = torch.jit.load(str(path), map_location="cpu")
-    out = module(*inputs)
+    with torch.no_grad():
+        out = getattr(module, g.name)(*inputs)
     outs = out if isinstance(out, (tuple, list)) else (out,)
     return [o.detach().numpy() for o in outs]
 
@@ -245,7 +246,8 @@ def _export_verified(
 ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """Export one graph and verify it: (the inputs its file takes, how it was exported, the parity check).
     An ONNX graph the supported exporter cannot export within the tolerance is exported by the
-    TorchScript-based one, and the returned record says why."""
+    TorchScript-based one, and the returned record says why. TorchScript graphs are methods of one archive,
+    written before (``_export_torchscript``); here they are verified."""
     exporters = onnx_exporters(opset) if fmt == "onnx" else ("torch.jit.trace",)
     failures: list[str] = []
     for exporter in exporters:
@@ -256,7 +258,6 @@ def _export_verified(
                     taken = _export_onnx(g, path, tuple(t.clone() for t in example), opset, exporter)
                     inputs = [spec for spec in g.inputs if spec["name"] in taken]  # what the file takes
                 else:
-                    _export_torchscript(g, path, tuple(t.clone() for t in example))
                     inputs = g.inputs
         except ExportError:
             raise
@@ -283,6 +284,16 @@ def _export_verified(
                 + (f"; tried {'; '.join(failures[:-1])}" if len(failures) > 1 else "")
             )
     raise AssertionError("unreachable")
+
+
+def _reverified(g: GraphDef, path: Path, first: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """The parity check again on the rewritten file (its tensors now external data), with the same inputs:
+    moving bytes must not change a result."""
+    check = verify("onnx", path, g, seed=first["seed"], batch=first["batch"])
+    if check["max_abs_diff"] != first["max_abs_diff"]:
+        raise ExportError(f"onnx graph {g.name!r} computes differently with its tensors as external data "
+                          f"(largest difference {check['max_abs_diff']:.3g}, {first['max_abs_diff']:.3g} before)")
+    return {**check, "tolerance": tolerance}
 
 
 def _cache_spec(step: GraphDef, name: str) -> dict[str, Any]:
@@ -431,32 +442,9 @@ def _export_locked(
     tmp.mkdir()
     make_public_dir(tmp)  # it becomes the bundle directory
     try:
-        graphs: dict[str, Any] = {}
-        parity: dict[str, Any] = {}
-        for g in defs:
-            example = g.make_inputs(2, torch.Generator().manual_seed(0))
-            for fmt in formats:
-                if fmt not in g.formats:
-                    continue
-                fname = f"{g.name}.{'onnx' if fmt == 'onnx' else 'pt'}"
-                path = tmp / fname
-                inputs, how, check = _export_verified(g, fmt, path, example, opset, tolerance)
-                key = f"{g.name}.{fmt}"
-                taken_names = {i["name"] for i in inputs}
-                given = {o["name"] for o in g.outputs}
-                graphs[key] = {
-                    "format": fmt, "file": fname, "role": g.name, "inputs": inputs, "outputs": g.outputs,
-                    "state": [{"cache": n, "input": f"cache_{n}" if f"cache_{n}" in taken_names else None,
-                               "output": f"new_{n}" if f"new_{n}" in given else None} for n in g.state],
-                    "mutates_inputs": mutated_inputs(path, g) if fmt == "torchscript" else [],
-                    **how, **g.extra,
-                }
-                parity[key] = check
-        by_name = {g.name: g for g in defs}
-        if "onnx" in formats and "step" in by_name and "row" in by_name:
-            graphs[f"{SAMPLE_GRAPH}.onnx"] = _write_sample_graph(tmp, by_name["step"], model.config)
         cfg = model.config
-        manifest = {
+        by_name = {g.name: g for g in defs}
+        manifest: dict[str, Any] = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
             "family": model.family,
@@ -466,6 +454,49 @@ def _export_locked(
             "levels": cfg.levels,
             "num_classes": cfg.num_classes,
             **model.bundle_fields(),  # likelihood, latent_size, prior
+        }
+        if "step" in by_name:
+            manifest["caches"] = [{"name": n, **_cache_spec(by_name["step"], n)} for n in by_name["step"].state]
+        # The weights first: the Triton backend runs its own kernels on them, the ONNX graphs read their
+        # tensors from them (export/lean.py), and their metadata keeps the manifest's bound fields, so a reader
+        # can tell an edited manifest (check_binding).
+        save_weights(tmp / WEIGHTS, model, metadata={BINDING_KEY: manifest_binding(manifest)})
+        examples = {g.name: g.make_inputs(2, torch.Generator().manual_seed(0)) for g in defs}
+        scripted = [g for g in defs if "torchscript" in formats and "torchscript" in g.formats]
+        if scripted:
+            _export_torchscript(scripted, tmp / TORCHSCRIPT_ARCHIVE, examples)
+        graphs: dict[str, Any] = {}
+        parity: dict[str, Any] = {}
+        for g in defs:
+            for fmt in formats:
+                if fmt not in g.formats:
+                    continue
+                fname = f"{g.name}.onnx" if fmt == "onnx" else TORCHSCRIPT_ARCHIVE
+                path = tmp / fname
+                inputs, how, check = _export_verified(g, fmt, path, examples[g.name], opset, tolerance)
+                key = f"{g.name}.{fmt}"
+                taken_names = {i["name"] for i in inputs}
+                given = {o["name"] for o in g.outputs}
+                graphs[key] = {
+                    "format": fmt, "file": fname, **({"method": g.name} if fmt == "torchscript" else {}),
+                    "role": g.name, "inputs": inputs, "outputs": g.outputs,
+                    "state": [{"cache": n, "input": f"cache_{n}" if f"cache_{n}" in taken_names else None,
+                               "output": f"new_{n}" if f"new_{n}" in given else None} for n in g.state],
+                    "mutates_inputs": mutated_inputs(path, g) if fmt == "torchscript" else [],
+                    **how, **g.extra,
+                }
+                parity[key] = check
+        if "onnx" in formats and "step" in by_name and "row" in by_name:
+            graphs[f"{SAMPLE_GRAPH}.onnx"] = _write_sample_graph(tmp, by_name["step"], model.config)
+        onnx_files = sorted({g["file"] for g in graphs.values() if g["format"] == "onnx"})
+        external: list[str] = []
+        if onnx_files:
+            externalize_onnx([tmp / f for f in onnx_files], tmp / WEIGHTS)
+            external = [ONNX_DATA] if (tmp / ONNX_DATA).exists() else []
+            for key, g in graphs.items():  # the graphs as they will run, reading their external data
+                if g["format"] == "onnx" and key in parity:
+                    parity[key] = _reverified(by_name[g["role"]], tmp / g["file"], parity[key], tolerance)
+        manifest.update({
             "graphs": graphs,
             "decoders": (["naive", "cached"] if any(k.startswith("step.") for k in graphs) else ["naive"])
             + (["graph"] if f"{SAMPLE_GRAPH}.onnx" in graphs else []),
@@ -478,14 +509,9 @@ def _export_locked(
             "source": {"run_dir": str(Path(run_dir).resolve()), "ema": ema, "data": run.data,
                        "seed": run.train.get("seed"), "dynamic_binarize": bool(run.train.get("dynamic_binarize"))},
             "weights": WEIGHTS,
-            "files": {f: sha256_file(tmp / f) for f in sorted({g["file"] for g in graphs.values()})},
-        }
-        if "step" in by_name:
-            manifest["caches"] = [{"name": n, **_cache_spec(by_name["step"], n)} for n in by_name["step"].state]
-        # The weights travel too: the Triton backend runs its own kernels on them rather than a graph. Their
-        # metadata keeps the manifest's bound fields, so a reader can tell an edited manifest (check_binding).
-        save_weights(tmp / WEIGHTS, model, metadata={BINDING_KEY: manifest_binding(manifest)})
-        manifest["files"] = dict(sorted({**manifest["files"], WEIGHTS: sha256_file(tmp / WEIGHTS)}.items()))
+            "files": {f: sha256_file(tmp / f)
+                      for f in sorted({*(g["file"] for g in graphs.values()), *external, WEIGHTS})},
+        })
         atomic_write_json(tmp / MANIFEST, manifest)
         read_bundle(tmp)  # the bundle must pass the runtime's own validation before it is published
         if f"{SAMPLE_GRAPH}.onnx" in graphs:

@@ -84,7 +84,7 @@ class OnnxBackend:
                 # A decoding step is a chain of tiny ops: intra-op threads only add synchronization.
                 opts.intra_op_num_threads = 1
             try:
-                with onnx_model_source(self.bundle, spec) as source:
+                with onnx_model_source(self.bundle, spec, opts) as source:
                     sess = self._ort.InferenceSession(source, sess_options=opts, providers=self.providers)
             except BundleError:
                 raise
@@ -107,12 +107,18 @@ class OnnxBackend:
 
 
 @contextlib.contextmanager
-def onnx_model_source(bundle: Bundle, spec: Any) -> Any:
-    """What InferenceSession loads: the graph's verified bytes, or, when it has external data, a private
-    directory holding copies of the verified bytes of the graph and its external files (onnxruntime resolves
-    external data beside the model's path), removed once the session exists."""
+def onnx_model_source(bundle: Bundle, spec: Any, opts: Any) -> Any:
+    """What InferenceSession loads: the graph's verified bytes, its external files (format 8: the weights
+    and onnx.data) handed to onnxruntime from the verified bytes too. An onnxruntime without that API (before
+    1.20) gets a private directory holding copies of the verified files instead (it resolves external data
+    beside the model's path), removed once the session exists."""
     external = bundle.external_data(spec)
     if not external:
+        yield bundle.read(spec.file)
+        return
+    if hasattr(opts, "add_external_initializers_from_files_in_memory"):
+        buffers = [bundle.read(name) for name in external]
+        opts.add_external_initializers_from_files_in_memory(external, buffers, [len(b) for b in buffers])
         yield bundle.read(spec.file)
         return
     tmp = tempfile.mkdtemp(prefix="genforge-onnx-")
@@ -298,14 +304,27 @@ class TorchScriptBackend:
             raise RuntimeBackendError("device 'cuda' asked for, but torch sees no CUDA device")
         self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
         self._modules: dict[str, Any] = {}
+        self._archives: dict[str, Any] = {}
 
     def module(self, graph: str) -> Any:
+        """The callable that runs ``graph``: its method of the archive it lives in (format 8: one archive,
+        all graphs; before: one archive per graph, its ``forward``)."""
         if graph not in self._modules:
-            from .torchscript_check import check_archive, check_module, check_torchscript_signature
+            from .torchscript_check import check_torchscript_signature
 
             spec = self.bundle.graph(graph, "torchscript")
-            where = self.bundle.file(spec)
-            data = self.bundle.read(spec.file)
+            archive = self._archive(spec.file)
+            check_torchscript_signature(archive, spec, self.bundle.file(spec),
+                                        exact=self.bundle.manifest["version"] >= 3)
+            self._modules[graph] = getattr(archive, spec.method)
+        return self._modules[graph]
+
+    def _archive(self, file: str) -> Any:
+        if file not in self._archives:
+            from .torchscript_check import check_archive, check_module
+
+            where = self.bundle.path / file
+            data = self.bundle.read(file)
             check_archive(data, where)  # before torch.jit.load, which runs a __setstate__ it finds
             try:
                 with warnings.catch_warnings():  # torch.jit.load warns of its own deprecation on every call
@@ -315,9 +334,8 @@ class TorchScriptBackend:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise BundleError(f"{where}: torch cannot load the graph ({first})") from None
             check_module(m, where)  # every method's operations, before any of them runs
-            check_torchscript_signature(m, spec, where, exact=self.bundle.manifest["version"] >= 3)
-            self._modules[graph] = m.eval()
-        return self._modules[graph]
+            self._archives[file] = m.eval()
+        return self._archives[file]
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         torch = self._torch

@@ -7,7 +7,9 @@ presence and sha256. Anything it does not understand is a BundleError with one l
 A bundle is untrusted input. Every file it names is read once, here, through no symbolic link and only
 if it is a regular file inside the bundle directory; its bytes are hashed and kept, and the backends build
 their sessions from those bytes (``Bundle.read``), so a file swapped after ``load()`` is never run. An ONNX
-graph's external data must be files the manifest lists (and so hashes) (``runtime/onnx_scan.py``).
+graph's external data must be files the manifest lists (and so hashes), at offsets inside them
+(``runtime/onnx_scan.py``): since format 8 every ONNX graph reads its weights from ``weights.safetensors``
+itself and the tensors only a graph has (a step's kernel columns...) from one shared ``onnx.data``.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from .onnx_scan import external_tensors
 from .randomness import SCHEME
 
 BUNDLE_FORMAT = "genforge-bundle"
-BUNDLE_VERSION = 7  # what the exporter writes; docs/bundle.md says what each version changed
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # 1 and 2 lack only optional fields, and may list inputs an ONNX file lacks
+BUNDLE_VERSION = 8  # what the exporter writes; docs/bundle.md says what each version changed
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)  # 1 and 2 lack only optional fields, may list inputs a file lacks
 MANIFEST = "manifest.json"
 GRAPH_FORMATS = ("onnx", "torchscript")
 
@@ -49,6 +51,7 @@ class GraphSpec:
     file: str
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
+    method: str = "forward"  # TorchScript: the archive's method that runs it (format 8: one archive, many graphs)
 
     @property
     def input_names(self) -> list[str]:
@@ -98,7 +101,8 @@ class Bundle:
         if g is None:
             have = ", ".join(sorted(self.manifest["graphs"])) or "none"
             raise BundleError(f"{self.path}: the bundle has no {fmt} graph {name!r} (it has: {have})")
-        return GraphSpec(name, g["format"], g["file"], g["inputs"], g["outputs"])
+        method = g.get("method", "forward") if int(self.manifest["version"]) >= 8 else "forward"
+        return GraphSpec(name, g["format"], g["file"], g["inputs"], g["outputs"], method)
 
     def file(self, graph: GraphSpec) -> Path:
         """Where the graph's file was read from (for messages; load its bytes with ``read``)."""
@@ -229,6 +233,11 @@ def read_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
     _check_consistency(manifest, manifest_path)
     if int(manifest["version"]) >= 4:
         _check_wiring(manifest, manifest_path)
+    if int(manifest["version"]) >= 8:
+        for key, g in graphs.items():
+            if g["format"] == "torchscript" and g.get("method") != key.rsplit(".", 1)[0]:
+                raise BundleError(f"{manifest_path}: graph {key!r} must name its own method of the TorchScript "
+                                  f"archive ('method': {key.rsplit('.', 1)[0]!r}), not {g.get('method')!r}")
     scheme = manifest.get("randomness")
     if scheme is not None and scheme != SCHEME:
         raise BundleError(f"{manifest_path}: the bundle's randomness scheme {scheme} is not this genforge's {SCHEME} "
@@ -242,14 +251,30 @@ def read_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
         contents[name] = data
     check_binding(manifest, contents, p)
     bundle = Bundle(p, manifest, contents)
-    for key, g in graphs.items():
+    for g in graphs.values():
         if g["format"] == "onnx":
-            for loc in bundle.external_data(bundle.graph(key.rsplit(".", 1)[0], "onnx")):
-                check_member_name(loc, p / g["file"], what="external data")
-                if loc not in files:
-                    raise BundleError(f"{p / g['file']}: external data {loc!r} is not a file the manifest lists and "
-                                      "hashes")
+            check_external_data(bundle, g["file"])
     return bundle
+
+
+def check_external_data(bundle: Bundle, file: str) -> None:
+    """Every tensor an ONNX file keeps outside itself must lie inside a file the manifest lists (and so
+    hashes): a listed name, and an offset and length within that file's verified bytes."""
+    where = bundle.path / file
+    for t in external_tensors(bundle.read(file), where):
+        loc = t.location
+        check_member_name(loc, where, what="external data")
+        if loc not in bundle.contents:
+            raise BundleError(f"{where}: external data {loc!r} is not a file the manifest lists and hashes")
+        size = len(bundle.contents[loc])
+        try:
+            offset = int(t.entries.get("offset", "0"))
+            length = int(t.entries.get("length", str(size - offset)))
+        except ValueError:
+            raise BundleError(f"{where}: tensor {t.name!r} has a malformed external-data offset or length") from None
+        if offset < 0 or length < 0 or offset + length > size:
+            raise BundleError(f"{where}: tensor {t.name!r} reads bytes {offset}..{offset + length} of {loc!r}, "
+                              f"which has {size}")
 
 
 def check_member_name(name: str, where: Path, *, what: str = "file name") -> None:

@@ -4,7 +4,8 @@ A TorchScript archive is a program, not data: ``torch.jit.load`` compiles the ar
 ``__setstate__`` method it finds (a scripted ``__setstate__`` calling ``torch.from_file`` reads or creates a
 file while the module loads), and calling the module runs its methods, which may call any operator torch
 has (``aten::from_file``, ``aten::save``, ``prim::Print``...). genforge's exporter writes frozen traced
-modules: one ``forward`` method made of tensor operations, no submodules, no hooks, no state methods. So:
+modules: methods made of tensor operations (format 8: one method per graph, in one archive; before: one
+``forward`` per archive), no submodules, no hooks, no state methods. So:
 
 - ``check_archive`` (before loading): the zip is well formed with no duplicate names, holds no code that
   mentions ``__setstate__`` and no custom C++ class (``torch.classes``), and is not a decompression bomb.
@@ -109,12 +110,13 @@ def check_module(module: Any, where: object) -> None:
 
 
 def check_torchscript_signature(module: Any, spec: Any, where: object, *, exact: bool = True) -> None:
-    """The archive's forward must take the manifest's inputs (by name, in order) and return as many values as
-    the manifest declares."""
+    """The graph's method (``spec.method``) must take the manifest's inputs (by name, in order) and return as
+    many values as the manifest declares."""
+    method = getattr(spec, "method", "forward")
     try:
-        schema = module._c._get_method("forward").schema
+        schema = module._c._get_method(method).schema
     except RuntimeError:
-        raise BundleError(f"{where}: the TorchScript archive has no forward method") from None
+        raise BundleError(f"{where}: the TorchScript archive has no {method} method") from None
     names = [a.name for a in schema.arguments[1:]]  # [0] is self
     if exact and names != spec.input_names:
         raise BundleError(f"{where}: the graph's inputs {names} are not the manifest's {spec.input_names}")

@@ -191,13 +191,14 @@ def test_the_manifest_matches_each_torchscript_file(family_bundles, name: str, f
         with warnings.catch_warnings():  # torch.jit.load warns of its own deprecation
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(bundle / entry["file"]))
-        args = [a.name for a in module.forward.schema.arguments][1:]  # without self
+        method = getattr(module, entry.get("method", "forward"))  # format 8: graph NAME is method NAME
+        args = [a.name for a in method.schema.arguments][1:]  # without self
         assert args == [i["name"] for i in entry["inputs"]], key
         assert entry["role"] == key.split(".")[0]
         inputs = _inputs_for(entry["inputs"], manifest, 3, g)
         before = [t.clone() for t in inputs]
         with torch.no_grad():
-            out = module(*inputs)
+            out = method(*inputs)
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         assert len(outs) == len(entry["outputs"]), key
         for o, spec in zip(outs, entry["outputs"], strict=True):

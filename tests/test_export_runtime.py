@@ -64,8 +64,12 @@ def test_manifest_records_what_it_promises(runs) -> None:
     for key, check in m["parity"].items():
         assert 0 <= check["max_scaled_diff"] <= check["max_abs_diff"] and check["max_scaled_diff"] <= 1e-4, key
         assert check["tolerance"] == 1e-4, key
-    assert set(m["files"]) == {f"{g}.{e}" for g in ("forward", "step", "row", "window") for e in ("onnx", "pt")} | {
-        "weights.safetensors", "sample.onnx", "step_updates.onnx"}
+    # Format 8: one TorchScript archive whose methods are the graphs; ONNX tensors in the weights or onnx.data
+    assert set(m["files"]) == {f"{g}.onnx" for g in ("forward", "step", "row", "window", "sample", "step_updates")} | {
+        "weights.safetensors", "graphs.pt", "onnx.data"}
+    for key, g in m["graphs"].items():
+        if g["format"] == "torchscript":
+            assert g["file"] == "graphs.pt" and g["method"] == g["role"] == key.split(".")[0], key
 
 
 @pytest.mark.parametrize("key", ["pixelcnn", "gated-cond"])
@@ -142,8 +146,8 @@ def test_bad_bundles_are_rejected(runs, tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="sha256 does not match"):
         load(b)
     t = _copy_bundle(bundle, tmp_path / "truncated")
-    (t / "forward.pt").write_bytes((t / "forward.pt").read_bytes()[:100])
-    with pytest.raises(BundleError, match=r"forward\.pt: sha256 does not match"):
+    (t / "graphs.pt").write_bytes((t / "graphs.pt").read_bytes()[:100])
+    with pytest.raises(BundleError, match=r"graphs\.pt: sha256 does not match"):
         read_bundle(t)
     v = _copy_bundle(bundle, tmp_path / "version")
     m = json.loads((v / "manifest.json").read_text())
@@ -199,7 +203,7 @@ def test_cli_export_and_sample(runs, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "go together" in res.output
     res = r.invoke(sample_command, [str(tmp_path / "b"), "--backend", "onnx", "-o", str(tmp_path / "x.png")])
     assert res.exit_code == 1 and "no onnx graphs" in res.output
-    (tmp_path / "b" / "forward.pt").write_bytes(b"garbage")
+    (tmp_path / "b" / "graphs.pt").write_bytes(b"garbage")
     res = r.invoke(sample_command, [str(tmp_path / "b"), "-o", str(tmp_path / "y.png")])
     assert res.exit_code == 1 and "sha256 does not match" in res.output and "Traceback" not in res.output
 

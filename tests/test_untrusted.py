@@ -61,6 +61,11 @@ def rehash(b: Path, add: tuple[str, ...] = ()) -> None:
     write_manifest(b, m)
 
 
+def archive(b: Path, graph: str = "forward") -> str:
+    """The TorchScript archive holding ``graph`` (format 8: one archive, every graph a method)."""
+    return str(manifest(b)["graphs"][f"{graph}.torchscript"]["file"])
+
+
 def only_torchscript(b: Path) -> Path:
     """Drop the ONNX graphs, so backend="auto" picks TorchScript (as the issue's attack did)."""
     m = manifest(b)
@@ -116,6 +121,11 @@ def file_touching_module(kind: str, victim: Path, created: Path) -> torch.jit.Sc
             lp = torch.zeros(x_rows.shape[0], 1, 1, 8, 4) - 1.3862943611198906 + (t.sum() + u.sum()).float() * 0
             return lp, cache_input, cache_block0
 
+        @torch.jit.export
+        def window(self, x_rows: torch.Tensor, advance: torch.Tensor, cache_input: torch.Tensor,
+                   cache_block0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return self.forward(x_rows, advance, cache_input, cache_block0)
+
     cls = Forward if kind == "forward" else Window
     return torch.jit.script(cls(str(victim), str(created)))
 
@@ -137,7 +147,7 @@ def test_a_torchscript_forward_that_touches_files_is_refused(family_bundles, tmp
 
     b = copy_bundle(family_bundles["pixelcnn"], tmp_path / "b")
     created = tmp_path / "created.bin"
-    file_touching_module("forward", canary, created).save(str(b / "forward.pt"))
+    file_touching_module("forward", canary, created).save(str(b / archive(b)))
     rehash(b)
     s = load(b, backend="torchscript")
     with pytest.raises(BundleError, match="aten::from_file"):
@@ -152,12 +162,12 @@ def test_a_torchscript_window_graph_that_touches_files_is_refused_by_gen_sample(
         family_bundles, tmp_path: Path, canary: Path) -> None:
     b = only_torchscript(copy_bundle(family_bundles["pixelcnn"], tmp_path / "b"))
     created = tmp_path / "created.bin"
-    file_touching_module("window", canary, created).save(str(b / "window.pt"))
+    file_touching_module("window", canary, created).save(str(b / archive(b, "window")))
     rehash(b)
     out = tmp_path / "x.png"
     # backend auto picks TorchScript (no ONNX graph); auto decoding at batch 4 runs the window graph
     result = CliRunner().invoke(sample_command, [str(b), "-n", "4", "-o", str(out), "--quiet"])
-    assert result.exit_code != 0 and "window.pt" in one_line(result.output), result.output
+    assert result.exit_code != 0 and archive(b, "window") in one_line(result.output), result.output
     assert canary.read_text() == "precious data" and not created.exists() and not out.exists()
 
 
@@ -190,7 +200,7 @@ def test_a_torchscript_setstate_is_refused_before_it_runs(family_bundles, tmp_pa
 
     b = copy_bundle(family_bundles["pixelcnn"], tmp_path / "b")
     created = tmp_path / "created.bin"
-    torch.jit.script(Stateful(str(created))).save(str(b / "forward.pt"))
+    torch.jit.script(Stateful(str(created))).save(str(b / archive(b)))
     rehash(b)
     s = load(b, backend="torchscript")
     with pytest.raises(BundleError, match="__setstate__"):
@@ -215,20 +225,18 @@ def test_the_allowlist_covers_every_exported_graph_and_no_more(family_bundles, t
     assert manifest(extra[0])["likelihood"] == "bernoulli"
     seen: set[str] = set()
     for b in [*family_bundles.values(), *extra]:
-        for key, g in manifest(b)["graphs"].items():
-            if g["format"] != "torchscript":
-                continue
-            module = torch.jit.load(str(b / g["file"]))
+        for file in sorted({g["file"] for g in manifest(b)["graphs"].values() if g["format"] == "torchscript"}):
+            module = torch.jit.load(str(b / file))
             ops = set().union(*module_ops(module).values())
-            assert ops <= TORCHSCRIPT_OPS, f"{b.name}/{key}: {sorted(ops - TORCHSCRIPT_OPS)}"
-            check_module(module, b / g["file"])
+            assert ops <= TORCHSCRIPT_OPS, f"{b.name}/{file}: {sorted(ops - TORCHSCRIPT_OPS)}"
+            check_module(module, b / file)
             seen |= ops
     assert seen == TORCHSCRIPT_OPS, sorted(TORCHSCRIPT_OPS - seen)
 
 
 def test_a_conditional_graph_in_an_unconditional_bundle_is_refused(family_bundles, tmp_path: Path) -> None:
     b = copy_bundle(family_bundles["pixelcnn"], tmp_path / "b")
-    shutil.copy(family_bundles["gated-pixelcnn"] / "forward.pt", b / "forward.pt")  # takes (x, labels)
+    shutil.copy(family_bundles["gated-pixelcnn"] / archive(b), b / archive(b))  # its forward takes (x, labels)
     rehash(b)
     s = load(b, backend="torchscript")
     with pytest.raises(BundleError, match="inputs"):
@@ -311,7 +319,7 @@ def test_external_data_is_hashed_and_stays_inside_the_bundle(family_bundles, tmp
 
 
 def test_a_graph_swapped_after_load_is_not_run(family_bundles, tmp_path: Path) -> None:
-    for backend, graph in (("onnx", "forward.onnx"), ("torchscript", "forward.pt")):
+    for backend, graph in (("onnx", "forward.onnx"), ("torchscript", "graphs.pt")):
         b = copy_bundle(family_bundles["pixelcnn"], tmp_path / backend)
         s = load(b, backend=backend)
         expected = load(family_bundles["pixelcnn"], backend=backend)

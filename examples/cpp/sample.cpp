@@ -3,10 +3,11 @@
 //
 //   ./sample BUNDLE [--n 4] [--seed 0] [--start 0] [--out result.json]
 //
-// Runs the row/step protocol on row.pt and step.pt, pairing the caches as the manifest's "state" says, draws
+// Runs the row/step protocol on the row and step graphs (v8: methods of graphs.pt; before: row.pt, step.pt),
+// pairing the caches as the manifest's "state" says, draws
 // the uniforms with the bundle's randomness scheme (Philox4x32-10) and applies the inverse-CDF rule, so the
 // images equal genforge.runtime.load(BUNDLE, backend="torchscript").sample(n, seed=seed, start=start). The
-// result also holds each image's log-probability from forward.pt.
+// result also holds each image's log-probability from the forward graph.
 #include <torch/script.h>
 
 #include <nlohmann/json.hpp>
@@ -64,12 +65,15 @@ static int64_t inverse_cdf(const float* log_probs, int64_t K, double u) {
 struct Graph {
   torch::jit::Module module;
   json spec;
+  std::string method;  // v8: the archive's method named like the graph; before: forward
 };
 
 static Graph load_graph(const std::string& dir, const json& m, const std::string& name) {
   const auto key = name + ".torchscript";
   if (!m["graphs"].contains(key)) throw std::runtime_error("the bundle has no TorchScript graph " + name);
-  return {torch::jit::load(dir + "/" + m["graphs"][key]["file"].get<std::string>()), m["graphs"][key]};
+  const auto& spec = m["graphs"][key];
+  const std::string method = m["version"] >= 8 ? spec["method"].get<std::string>() : "forward";
+  return {torch::jit::load(dir + "/" + spec["file"].get<std::string>()), spec, method};
 }
 
 // Version 7: the weights' safetensors metadata keeps the manifest's bound fields as exported (docs/bundle.md,
@@ -105,8 +109,8 @@ int main(int argc, char** argv) try {
 
   json m = json::parse(std::ifstream(dir + "/manifest.json"));
   if (m["format"] != "genforge-bundle") throw std::runtime_error(dir + ": not a genforge bundle");
-  if (m["version"] != 4 && m["version"] != 5 && m["version"] != 6 && m["version"] != 7)
-    throw std::runtime_error("bundle format version " + m["version"].dump() + "; this reads 4 to 7");
+  if (!m["version"].is_number_integer() || m["version"] < 4 || m["version"] > 8)
+    throw std::runtime_error("bundle format version " + m["version"].dump() + "; this reads 4 to 8");
   if (m["randomness"]["name"] != "philox4x32-10" || m["randomness"]["version"] != 1)
     throw std::runtime_error("unknown randomness scheme " + m["randomness"].dump());
   if (m["family"] != "autoregressive") throw std::runtime_error("this client samples autoregressive bundles");
@@ -140,7 +144,7 @@ int main(int argc, char** argv) try {
       const std::string name = in["name"];
       args.push_back(name == "labels" ? labels : cache_of.count(name) ? caches[cache_of[name]] : given.at(name));
     }
-    const auto outs = g.module.forward(args).toTuple()->elements();
+    const auto outs = g.module.get_method(g.method)(args).toTuple()->elements();
     std::map<std::string, torch::Tensor> named;
     for (size_t i = 0; i < outs.size(); ++i) named[g.spec["outputs"][i]["name"]] = outs[i].toTensor();
     for (const auto& s : g.spec["state"]) caches[s["cache"]] = named[s["output"]];
@@ -160,10 +164,10 @@ int main(int argc, char** argv) try {
           x[b][k][i][j] = float(inverse_cdf(lp.data_ptr<float>() + (b * C + k) * K, K, u[((b * H + i) * W + j) * C + k]));
       }
   }
-  // log p(image) from forward.pt: the sum over sub-pixels of log_probs at the image's levels.
+  // log p(image) from the forward graph: the sum over sub-pixels of log_probs at the image's levels.
   std::vector<torch::IValue> fargs{x};
   if (classes) fargs.push_back(labels);
-  auto lp = forward.module.forward(fargs).toTensor();  // (n, C, H, W, K)
+  auto lp = forward.module.get_method(forward.method)(fargs).toTensor();  // (n, C, H, W, K)
   auto picked = lp.gather(4, x.to(torch::kInt64).unsqueeze(4)).squeeze(4).to(torch::kFloat64).reshape({n, -1});
   const auto images = x.permute({0, 2, 3, 1}).to(torch::kUInt8).contiguous();  // (n, H, W, C)
 

@@ -68,7 +68,7 @@ function inverseCdf(logProbs, offset, K, u) {
 function readManifest(dir) {
   const m = JSON.parse(readFileSync(join(dir, "manifest.json"), "utf8"));
   if (m.format !== "genforge-bundle") throw new Error(`${dir}: not a genforge bundle`);
-  if (![4, 5, 6, 7].includes(m.version)) throw new Error(`${dir}: bundle format version ${m.version}; this client reads 4 to 7`);
+  if (![4, 5, 6, 7, 8].includes(m.version)) throw new Error(`${dir}: bundle format version ${m.version}; this client reads 4 to 8`);
   const r = m.randomness;
   if (r.name !== "philox4x32-10" || r.version !== 1) throw new Error(`unknown randomness ${JSON.stringify(r)}`);
   if (m.family !== "autoregressive") throw new Error(`this client samples autoregressive bundles, not ${m.family}`);
@@ -97,6 +97,7 @@ function checkBinding(dir, m) {
   }
 }
 
+// From the file's path, onnxruntime finds its external data (v8: weights.safetensors, onnx.data) beside it.
 const session = (dir, m, name) => ort.InferenceSession.create(join(dir, m.graphs[`${name}.onnx`].file));
 const f32 = (data, dims) => new ort.Tensor("float32", data, dims);
 const i64 = (values, dims) => new ort.Tensor("int64", BigInt64Array.from(values.map(BigInt)), dims);

@@ -1,0 +1,167 @@
+"""Bundle format 8: each tensor once per format (export/lean.py), older bundles still load and sample alike,
+and external data that reaches past its file is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from genforge.export import export_run
+from genforge.export.lean import MIN_EXTERNAL_BYTES, ONNX_DATA, safetensors_offsets
+from genforge.runtime import BundleError, load, read_bundle
+from genforge.runtime.bundle import BUNDLE_VERSION, sha256_file
+
+FORMAT7 = Path(__file__).parent / "data" / "format7"
+
+
+def _manifest(b: Path) -> dict:
+    return json.loads((b / "manifest.json").read_text())
+
+
+def _rehash(b: Path, m: dict) -> None:
+    m["files"] = {f: sha256_file(b / f) for f in m["files"]}
+    (b / "manifest.json").write_text(json.dumps(m))
+
+
+def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    out = list(graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                out += _all_tensors(sub)
+    return out
+
+
+@pytest.mark.parametrize("name", ["pixelcnn", "gated-pixelcnn", "row-lstm", "diagonal-bilstm", "pixelcnn-rgb", "vae",
+                                  "gan"])
+def test_each_tensor_is_stored_once_per_format(family_bundles, name: str) -> None:
+    b = family_bundles[name]
+    m = _manifest(b)
+    assert m["version"] == BUNDLE_VERSION == 8
+    weights = (b / m["weights"]).read_bytes()
+    in_weights = safetensors_offsets(weights)
+    data = (b / ONNX_DATA).read_bytes() if (b / ONNX_DATA).exists() else b""
+    regions: dict[tuple[int, int], bytes] = {}
+    onnx_files = {g["file"] for g in m["graphs"].values() if g["format"] == "onnx"}
+    for file in sorted(onnx_files):
+        proto = onnx.load(str(b / file), load_external_data=False)
+        assert not any(n.metadata_props for n in proto.graph.node), f"{file}: exporter provenance kept"
+        for t in _all_tensors(proto.graph):
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                assert len(numpy_helper.to_array(t).tobytes()) < MIN_EXTERNAL_BYTES, (file, t.name)
+                continue
+            entries = {e.key: e.value for e in t.external_data}
+            offset, length = int(entries["offset"]), int(entries["length"])
+            if entries["location"] == m["weights"]:
+                assert (offset, length) in in_weights.values(), (file, t.name)  # a whole weight, not a slice
+            else:
+                assert entries["location"] == ONNX_DATA
+                raw = data[offset : offset + length]
+                assert hashlib.sha256(raw).digest() not in in_weights, f"{file}: {t.name} copies a weight"
+                regions[(offset, length)] = raw
+    # onnx.data: every region distinct, and nothing in it that no graph reads (but alignment padding)
+    assert len({hashlib.sha256(r).digest() for r in regions.values()}) == len(regions)
+    assert sum(length for _, length in regions) <= len(data) < sum(length + 64 for _, length in regions) + 1
+    ts = {g["file"] for g in m["graphs"].values() if g["format"] == "torchscript"}
+    assert ts == {"graphs.pt"}
+    with zipfile.ZipFile(b / "graphs.pt") as z:
+        blobs = [z.read(i) for i in z.infolist() if "/constants/" in i.filename and not i.filename.endswith(".pkl")]
+    big = [hashlib.sha256(x).digest() for x in blobs if len(x) >= MIN_EXTERNAL_BYTES]
+    assert len(set(big)) == len(big), "the TorchScript archive stores a tensor twice"
+
+
+def test_a_format_7_bundle_still_loads_and_samples_as_its_format_8_export(tmp_path: Path) -> None:
+    """A committed version-7 bundle (one archive per graph, tensors inline) of a committed tiny run: both
+    backends load it and draw exactly the images of the same run exported now."""
+    old = FORMAT7 / "bundle"
+    assert _manifest(old)["version"] == 7 and (old / "step.pt").exists()
+    run = shutil.copytree(FORMAT7 / "run", tmp_path / "run")
+    new = export_run(run, tmp_path / "b8", formats=("onnx", "torchscript"))
+    assert _manifest(new)["version"] == 8
+    for backend in ("onnx", "torchscript"):
+        a, b = load(old, backend=backend), load(new, backend=backend)
+        np.testing.assert_array_equal(a.sample(5, seed=7, decoder="cached"), b.sample(5, seed=7, decoder="cached"))
+        x = b.sample(2, seed=1)
+        np.testing.assert_allclose(a.log_prob(x), b.log_prob(x), rtol=0, atol=1e-4)
+
+
+def test_external_data_past_the_end_of_its_file_is_refused(family_bundles, tmp_path: Path) -> None:
+    b = shutil.copytree(family_bundles["pixelcnn"], tmp_path / "b")
+    m = _manifest(b)
+    proto = onnx.load(str(b / "forward.onnx"), load_external_data=False)
+    t = next(t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    entries = {e.key: e for e in t.external_data}
+    entries["offset"].value = str(len((b / entries["location"].value).read_bytes()) - 4)
+    (b / "forward.onnx").write_bytes(proto.SerializeToString())
+    _rehash(b, m)
+    with pytest.raises(BundleError, match=r"forward\.onnx: tensor .* reads bytes .* which has"):
+        read_bundle(b)
+
+
+def test_a_torchscript_graph_must_name_its_own_method(family_bundles, tmp_path: Path) -> None:
+    b = shutil.copytree(family_bundles["pixelcnn"], tmp_path / "b")
+    m = _manifest(b)
+    m["graphs"]["step.torchscript"]["method"] = "window"  # same archive, another graph's code
+    _rehash(b, m)
+    with pytest.raises(BundleError, match="must name its own method"):
+        read_bundle(b)
+    del m["graphs"]["step.torchscript"]["method"]
+    _rehash(b, m)
+    with pytest.raises(BundleError, match="method"):
+        read_bundle(b)
+
+
+# The goal (issue 25): each format's files at most 1.3x the weights at the default sizes. Not met yet, each for
+# a measured reason (the note on issue 25): the frozen TorchScript steps of PixelCNN and Row LSTM keep the
+# transposed top half of each kernel (what makes a step one addmm) beside the kernel the forward graph reads
+# (1.5x); the Diagonal BiLSTM's graphs are large in themselves (its skew unrolled over the diagonals) and its
+# ONNX graphs hold transposed copies of the LSTM weights (ONNX 2.5x, TorchScript 1.35x).
+NOT_YET = {("pixelcnn", "torchscript"), ("row-lstm", "torchscript"), ("diagonal-bilstm", "onnx"),
+           ("diagonal-bilstm", "torchscript")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["pixelcnn", "gated-pixelcnn", "row-lstm", "diagonal-bilstm", "vae", "gan"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_default_size_bundle_is_within_the_size_goal(default_bundles, model: str, fmt: str) -> None:
+    b = default_bundles[model]
+    m = _manifest(b)
+    files = {g["file"] for g in m["graphs"].values() if g["format"] == fmt}
+    if fmt == "onnx":
+        files |= {t.location for f in files for t in _external(b / f)}
+    from safetensors.numpy import load_file
+
+    weights = sum(a.nbytes for a in load_file(str(b / m["weights"])).values())
+    ratio = sum((b / f).stat().st_size for f in files - {m["weights"]}) / weights
+    if (model, fmt) in NOT_YET and ratio > 1.3:
+        pytest.xfail(f"{model} {fmt}: {ratio:.2f}x the weights (goal 1.3x; see NOT_YET)")
+    assert ratio <= 1.3, f"{model} {fmt}: {ratio:.2f}x the weights"
+
+
+def _external(path: Path) -> list:
+    from genforge.runtime.onnx_scan import external_tensors
+
+    return external_tensors(path.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def default_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each family at its default architecture (one training step on the 8x8 digits), exported with every
+    format: the sizes the goal is about."""
+    from genforge.train import DataSpec, TrainConfig, train_run
+
+    root = tmp_path_factory.mktemp("default-size")
+    out = {}
+    for model in ("pixelcnn", "gated-pixelcnn", "row-lstm", "diagonal-bilstm", "vae", "gan"):
+        run = train_run(model=model, data=DataSpec(), out=root / model, progress=False,
+                        train=TrainConfig(steps=1, batch_size=8, n_samples=0, eval_limit=8))
+        out[model] = export_run(run.run_dir, root / f"{model}-bundle", formats=("onnx", "torchscript"))
+    return out
