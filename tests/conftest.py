@@ -1,6 +1,8 @@
 import os
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 # Triton kernels run under the interpreter on the CPU, unless a GPU session asks for the real thing
@@ -36,17 +38,53 @@ FAMILY_MODELS = ("pixelcnn", "gated-pixelcnn", "row-lstm", "diagonal-bilstm", "p
 AUTOREGRESSIVE = ("pixelcnn", "gated-pixelcnn", "row-lstm", "diagonal-bilstm", "pixelcnn-rgb")
 
 
+# The families the fast suite exports; a test that needs another family's bundle (its parameters name one) is
+# marked slow here, as are tests marked by hand for reading every family.
+FAST_FAMILIES = ("pixelcnn", "gated-pixelcnn")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not {"family_bundles", "family_runs"} & set(getattr(item, "fixturenames", ())):
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if {v for v in params.values() if isinstance(v, str) and v in FAMILY_MODELS} - set(FAST_FAMILIES):
+            item.add_marker(pytest.mark.slow)
+
+
+class _Families(Mapping):
+    """name -> what ``build(name)`` returns, built on first access and kept: a test that needs one family's
+    bundle pays for that export alone (about 15 s), not for all seven (2-3 minutes)."""
+
+    def __init__(self, build: Callable[[str], Any]) -> None:
+        self._build, self._built = build, {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in FAMILY_MODELS:
+            raise KeyError(name)
+        if name not in self._built:
+            self._built[name] = self._build(name)
+        return self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(FAMILY_MODELS)
+
+    def __len__(self) -> int:
+        return len(FAMILY_MODELS)
+
+
 @pytest.fixture(scope="session")
-def family_bundles(family_runs: dict[str, tuple[Path, Path]]) -> dict[str, Path]:
+def family_bundles(family_runs: Mapping[str, tuple[Path, Path]]) -> Mapping[str, Path]:
     """A bundle (ONNX and TorchScript) of each kind of graph set: PixelCNN; gated, conditional (its ONNX row
-    drops caches); Row LSTM; Diagonal BiLSTM; a colour PixelCNN with a logistic-mixture head; VAE; GAN."""
-    return {name: bundle for name, (_, bundle) in family_runs.items()}
+    drops caches); Row LSTM; Diagonal BiLSTM; a colour PixelCNN with a logistic-mixture head; VAE; GAN.
+    Exported on first use (``_Families``)."""
+    return _Families(lambda name: family_runs[name][1])
 
 
 @pytest.fixture(scope="session")
-def family_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    """(run directory, bundle) of family_bundles' models, 8x8 with 4 levels but the colour one; exported once
-    per session because the exports dominate the suite's time. Tests must not change these directories."""
+def family_runs(tmp_path_factory: pytest.TempPathFactory) -> Mapping[str, tuple[Path, Path]]:
+    """(run directory, bundle) of family_bundles' models, 8x8 with 4 levels but the colour one; each exported
+    once per session, when a test first asks for it. Tests must not change these directories."""
     import numpy as np
     from PIL import Image
 
@@ -54,20 +92,22 @@ def family_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
     from genforge.train import DataSpec, TrainConfig, train_run
 
     root = tmp_path_factory.mktemp("families")
-    rng = np.random.default_rng(0)
-    (root / "rgb").mkdir()
-    for i in range(24):
-        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(root / "rgb" / f"{i}.png")
     tiny = {"hidden": 6, "layers": 1, "output_hidden": 6}
     small = {"pixelcnn": tiny, "gated-pixelcnn": tiny, "row-lstm": {"hidden": 4, "layers": 1, "output_hidden": 4},
              "diagonal-bilstm": {"hidden": 4, "layers": 1, "output_hidden": 4},
              "pixelcnn-rgb": {**tiny, "likelihood": "logistic-mixture"},
              "vae": {"latent_size": 4, "hidden": 8, "depth": 1}, "gan": {"latent_size": 4, "hidden": 8}}
-    out = {}
-    for name, overrides in small.items():
+
+    def build(name: str) -> tuple[Path, Path]:
+        if name == "pixelcnn-rgb":
+            rng = np.random.default_rng(0)
+            (root / "rgb").mkdir()
+            for i in range(24):
+                Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(root / "rgb" / f"{i}.png")
         data = (DataSpec("folder", path=str(root / "rgb"), image_size=6, levels=8) if name == "pixelcnn-rgb"
                 else DataSpec(levels=4, conditional=name == "gated-pixelcnn"))
-        run = train_run(model=name.removesuffix("-rgb"), data=data, model_overrides=overrides, out=root / name,
+        run = train_run(model=name.removesuffix("-rgb"), data=data, model_overrides=small[name], out=root / name,
                         progress=False, train=TrainConfig(steps=1, batch_size=16, n_samples=0, eval_limit=8))
-        out[name] = (run.run_dir, export_run(run.run_dir, root / f"{name}-bundle", formats=("onnx", "torchscript")))
-    return out
+        return run.run_dir, export_run(run.run_dir, root / f"{name}-bundle", formats=("onnx", "torchscript"))
+
+    return _Families(build)

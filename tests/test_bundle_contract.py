@@ -125,6 +125,7 @@ def test_out_of_range_seeds_are_refused() -> None:
 
 # ---- the manifest and the files -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_schema_is_a_valid_json_schema_and_every_exported_manifest_follows_it(family_bundles) -> None:
     schema = manifest_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
@@ -267,6 +268,7 @@ def test_the_graph_decoder_is_refused_where_it_cannot_run(family_bundles) -> Non
         load(family_bundles["pixelcnn"], backend="torchscript").sample(1, decoder="graph")
 
 
+@pytest.mark.slow
 def test_gen_sample_with_the_graph_decoder(family_bundles, tmp_path: Path) -> None:
     bundle = family_bundles["row-lstm"]
     for decoder in ("graph", "cached"):
@@ -277,6 +279,7 @@ def test_gen_sample_with_the_graph_decoder(family_bundles, tmp_path: Path) -> No
     np.testing.assert_array_equal(a, np.load(tmp_path / "cached.npz")["images"])
 
 
+@pytest.mark.slow
 def test_export_fails_when_the_sampling_graph_disagrees(family_bundles, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The export-time check compares images: a graph whose sampling rule is off by one bin must not be
@@ -300,6 +303,7 @@ def test_export_fails_when_the_sampling_graph_disagrees(family_bundles, tmp_path
 
 # ---- the exporter -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_onnx_graphs_come_from_the_supported_exporter(family_bundles) -> None:
     for name, bundle in family_bundles.items():
         manifest = json.loads((bundle / "manifest.json").read_text())
@@ -309,6 +313,7 @@ def test_onnx_graphs_come_from_the_supported_exporter(family_bundles) -> None:
                 assert entry["exporter"] == "dynamo" and "exporter_fallback" not in entry, (name, key)
 
 
+@pytest.mark.slow
 def test_a_graph_the_dynamo_exporter_fails_on_falls_back_and_says_why(family_bundles, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     real = exporter._onnx_proto

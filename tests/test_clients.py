@@ -22,6 +22,8 @@ from helpers import edited_bundle
 
 from genforge.runtime import load
 
+pytestmark = pytest.mark.slow  # builds and runs the Node and C++ clients
+
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "examples" / "node"
 CPP_DIR = ROOT / "examples" / "cpp"

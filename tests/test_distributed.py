@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
+
+pytestmark = pytest.mark.slow  # multi-process runs (torchrun-style), tens of seconds each
 
 CLI = ["-m", "genforge.cli"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -45,6 +45,7 @@ def _last_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     """Kill at a random step (not after a random wall-clock delay, which a fast machine outruns), plus a
     random fraction of a step, so kills land in steps, in evaluations and in checkpoint writes."""

@@ -78,6 +78,7 @@ def test_each_tensor_is_stored_once_per_format(family_bundles, name: str) -> Non
     assert len(set(big)) == len(big), "the TorchScript archive stores a tensor twice"
 
 
+@pytest.mark.slow
 def test_a_format_7_bundle_still_loads_and_samples_as_its_format_8_export(tmp_path: Path) -> None:
     """A committed version-7 bundle (one archive per graph, tensors inline) of a committed tiny run: both
     backends load it and draw exactly the images of the same run exported now."""

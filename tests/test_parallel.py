@@ -35,6 +35,7 @@ def test_parallel_decoding_draws_the_cached_images(family_bundles, name: str, ba
                                   s.complete(want[::-1], rows, seed=fresh_seed + 1, decoder="cached"))
 
 
+@pytest.mark.slow
 def test_parallel_equals_naive_on_the_same_forward(family_bundles, fresh_seed: int) -> None:
     s = load(family_bundles["pixelcnn-rgb"], backend="onnx", device="cpu")
     u = np.random.default_rng(fresh_seed).random((3, *s.image_shape))

@@ -26,6 +26,7 @@ def test_skew_places_diagonals_in_columns() -> None:
     torch.testing.assert_close(unskew(s, 4), x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["row-lstm", "diagonal-bilstm"])
 def test_train_export_sample(tmp_path: Path, model: str, fresh_seed: int) -> None:
     out = tmp_path / "run"

@@ -150,6 +150,7 @@ def test_conditional_training_and_samples(tmp_path: Path) -> None:
     assert model.config.num_classes == 10 and r.samples is not None
 
 
+@pytest.mark.slow
 def test_ema_weights_are_kept_evaluated_and_exported(tmp_path: Path) -> None:
     from genforge.export import export_run
     from genforge.runtime import load

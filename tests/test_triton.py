@@ -337,6 +337,7 @@ def test_a_head_without_a_fused_kernel_decodes_with_the_cached_form(bundles) -> 
     np.testing.assert_array_equal(triton_s.sample(2, seed=4), ts.sample(2, seed=4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pixelcnn", "gated-pixelcnn"])
 def test_triton_backend_samples_like_torchscript(bundles, name: str, fresh_seed: int) -> None:
     from genforge.runtime import load
@@ -363,6 +364,7 @@ def test_triton_backend_refuses_the_cpu_without_the_interpreter(bundles, monkeyp
         load(bundles["pixelcnn"], backend="triton", device="cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not INTERPRET, reason="the smoke run is the CPU rehearsal of the GPU benchmark")
 def test_gpu_benchmark_smoke_run(tmp_path) -> None:
     """benchmarks/triton_gpu.py end to end on tiny shapes, so a GPU session only has to run it: every code
@@ -390,6 +392,7 @@ def test_gpu_benchmark_smoke_run(tmp_path) -> None:
     assert gpu.returncode != 0 and "needs a CUDA device" in gpu.stderr
 
 
+@pytest.mark.slow
 def test_every_kernel_variant_compiles_for_the_gpu(tmp_path) -> None:
     """The interpreter accepts programs the compiler rejects (a loop variable that changes shape, say): compile
     every variant the runtime launches to sm_90 cubin, here without a GPU, with a fresh Triton cache."""

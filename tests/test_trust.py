@@ -161,6 +161,7 @@ def test_a_second_writer_of_a_run_directory_is_refused(tmp_path: Path) -> None:
     assert train_run(out=out, resume=True, extend={"steps": 4}, progress=False).steps == 4
 
 
+@pytest.mark.slow
 def test_two_gen_train_processes_on_one_directory(tmp_path: Path) -> None:
     """Real processes: the first holds the lock while it trains, the second fails at once."""
     out = tmp_path / "r"
@@ -372,6 +373,7 @@ def test_readme_outputs_are_ignored_by_git() -> None:
                                                        ("gated-pixelcnn", 2, "bernoulli"),
                                                        ("gated-pixelcnn", 17, "logistic-mixture"),
                                                        ("pixelcnn", 17, "gaussian")])
+@pytest.mark.slow
 def test_a_trained_model_exports_at_the_default_tolerance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           model: str, levels: int, likelihood: str) -> None:
     """A hundred steps make the model confident (|logits| ~ 10), which is where the exported Log(Sigmoid)

@@ -34,6 +34,8 @@ from genforge.runtime.files import clean_dead_siblings
 from genforge.runtime.torchscript_check import TORCHSCRIPT_OPS, check_module, module_ops
 from genforge.train import DataSpec, TrainConfig, train_run
 
+pytestmark = pytest.mark.slow  # hostile bundles of every family, fuzzing, killed exports: about 6 minutes
+
 CLEAN = (BundleError, InputError, RuntimeBackendError)
 TINY = {"hidden": 6, "layers": 1, "output_hidden": 6}
 TINY_FLAGS = ["--set", "hidden=6", "--set", "layers=1", "--set", "output_hidden=6", "--levels", "4",

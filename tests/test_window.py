@@ -171,6 +171,7 @@ def test_bundles_decode_in_parallel_through_their_window_graph(family_bundles, n
                                   s.complete(want, h // 2, seed=fresh_seed + 1, decoder="cached"))
 
 
+@pytest.mark.slow
 def test_gen_sample_says_which_parallel_decoding_ran(family_bundles, tmp_path) -> None:
     from click.testing import CliRunner
 
