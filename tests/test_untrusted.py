@@ -907,8 +907,9 @@ def test_mutated_bundles_work_as_exported_or_fail_with_one_clear_error(
                         k: v for k, v in ref_eval.items() if isinstance(v, float)}
                     assert rehashed or same, (what, scored, ref_eval)
                 else:
-                    assert result.exit_code == 1 and one_line(result.output).startswith("Error:"), (what,
-                                                                                                  result.output)
+                    assert result.exit_code == 1 and result.output.strip(), (what, result.exit_code, result.output,
+                                                                             repr(result.exception))
+                    assert one_line(result.output).startswith("Error:"), (what, result.output)
             shutil.rmtree(b)
     finally:
         _HOOKS.remove(watch)
