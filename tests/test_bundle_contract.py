@@ -108,10 +108,12 @@ def test_uniforms_depend_on_the_image_index_only(fresh_seed: int) -> None:
 def test_uniforms_and_normals_have_their_distributions(fresh_seed: int) -> None:
     u = uniforms(fresh_seed, 0, 200, (25, 25)).ravel()  # 125,000 values
     assert u.min() >= 0 and u.max() < 1
-    # Kolmogorov-Smirnov distance; the 0.1% critical value for n = 125,000 is 1.95 / sqrt(n) = 0.0055.
+    # Kolmogorov-Smirnov distance; with a fresh seed every run the bound must rarely fail by chance: the 1e-6
+    # critical value for n = 125,000, sqrt(ln(2 / 1e-6) / 2) / sqrt(n) = 0.0076 (0.1%, 0.0055, failed in CI
+    # on seed 1906692609 at 0.0059).
     s = np.sort(u)
     n = len(s)
-    assert max(np.max(np.arange(1, n + 1) / n - s), np.max(s - np.arange(n) / n)) < 0.0055
+    assert max(np.max(np.arange(1, n + 1) / n - s), np.max(s - np.arange(n) / n)) < 0.0076
     z = normals(fresh_seed, 0, 500, 200).ravel()  # 100,000 values
     assert abs(z.mean()) < 0.015 and abs(z.std() - 1) < 0.015  # > 4.5 standard errors
     assert abs(np.mean(np.abs(z) > 1.959964) - 0.05) < 0.004
