@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from genforge.models.graphs import GraphDef
+from genforge.runtime.bundle import safetensors_header
 
 ONNX_DATA = "onnx.data"
 TORCHSCRIPT_ARCHIVE = "graphs.pt"
@@ -33,15 +33,13 @@ ALIGN = 64  # offsets of tensors in onnx.data (ORT may map an aligned tensor rat
 
 def safetensors_offsets(raw: bytes) -> dict[bytes, tuple[int, int]]:
     """sha256 of each tensor's bytes -> (offset in the file, length), for a safetensors file's bytes."""
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size].decode("utf-8"))
+    start, header = safetensors_header(raw, "the weights file")
     out: dict[bytes, tuple[int, int]] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        start, end = entry["data_offsets"]
-        offset = 8 + size + int(start)
-        out.setdefault(hashlib.sha256(raw[offset : 8 + size + int(end)]).digest(), (offset, int(end) - int(start)))
+        begin, end = (start + int(x) for x in entry["data_offsets"])
+        out.setdefault(hashlib.sha256(raw[begin:end]).digest(), (begin, end - begin))
     return out
 
 

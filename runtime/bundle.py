@@ -140,8 +140,8 @@ def manifest_binding(manifest: dict[str, Any]) -> str:
     return json.dumps({k: manifest[k] for k in BOUND_FIELDS if k in manifest}, sort_keys=True)
 
 
-def safetensors_metadata(raw: bytes, where: Path) -> dict[str, Any]:
-    """The ``__metadata__`` of a safetensors file, read from its header without loading a tensor."""
+def safetensors_header(raw: bytes, where: object) -> tuple[int, dict[str, Any]]:
+    """(offset where the tensor data starts, the JSON header) of a safetensors file's bytes, checked."""
     if len(raw) < 8:
         raise BundleError(f"{where}: not a safetensors file (shorter than its header)")
     size = int.from_bytes(raw[:8], "little")
@@ -151,7 +151,12 @@ def safetensors_metadata(raw: bytes, where: Path) -> dict[str, Any]:
         header = json.loads(raw[8:8 + size].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise BundleError(f"{where}: not a safetensors file (its header is not JSON)") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return 8 + size, header if isinstance(header, dict) else {}
+
+
+def safetensors_metadata(raw: bytes, where: Path) -> dict[str, Any]:
+    """The ``__metadata__`` of a safetensors file, read from its header without loading a tensor."""
+    meta = safetensors_header(raw, where)[1].get("__metadata__")
     return meta if isinstance(meta, dict) else {}
 
 
