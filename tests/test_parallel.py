@@ -129,12 +129,20 @@ def test_auto_times_parallel_against_cached_where_the_rule_is_unsure(family_bund
     batch = WINDOW_PARALLEL_MAX_BATCH[backend] + 1
     assert batch <= TUNE_MAX_BATCH
     want = s.sample(3 * batch, seed=fresh_seed, decoder="cached", batch_size=batch)
+    # The third batch's own timing replaces its decoder's, so what chose it is the timings before it ran.
+    seen = []
+    choose = s.tuner.choose
+    def spy(key: tuple, first: str, other: str) -> str:
+        seen.append(dict(s.tuner.seconds.get(key, {})))
+        return choose(key, first, other)
+    s.tuner.choose = spy
     got = s.sample(3 * batch, seed=fresh_seed, decoder="auto", batch_size=batch)
     np.testing.assert_array_equal(got, want)
     first, second, third = s.last_stats["batch_decoders"]
     assert (first, second) == ("cached", "parallel") and s.last_stats["decoder"] == "cached+parallel"
-    timed = s.tuner.seconds[(batch, 0, False)]
-    assert third == min(timed, key=timed.__getitem__)
+    assert len(seen) == 3 and set(seen[2]) == {"cached", "parallel"}
+    assert third == min(seen[2], key=seen[2].__getitem__)
+    assert s.tuner.seconds[(batch, 0, False)][third] > 0  # the third batch was timed too
     # Small and large batches follow the rule untimed.
     s.sample(2, seed=fresh_seed, decoder="auto", batch_size=2)
     assert s.last_stats["batch_decoders"] == ["parallel"]
