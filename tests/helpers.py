@@ -61,3 +61,15 @@ def edited_bundle(bundle: Path, dest: Path, edit: Callable[[dict], object]) -> P
 def snapshot(path: Path) -> dict[str, bytes]:
     """Every file under ``path`` by relative name, with its bytes: what "nothing changed" compares."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def unavailable(why: str) -> None:
+    """Skip a test whose outside tool (node, a compiler, a browser) is missing, or fail it where
+    GENFORGE_REQUIRE_CLIENTS=1 (.ci/run installs them all, so there a missing tool is a broken CI)."""
+    import os
+
+    import pytest
+
+    if os.environ.get("GENFORGE_REQUIRE_CLIENTS") == "1":
+        pytest.fail(f"GENFORGE_REQUIRE_CLIENTS=1 but {why}")
+    pytest.skip(why)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import AUTOREGRESSIVE
-from helpers import edited_bundle
+from helpers import edited_bundle, unavailable
 
 from genforge.runtime import load
 
@@ -27,31 +27,24 @@ pytestmark = pytest.mark.slow  # builds and runs the Node and C++ clients
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "examples" / "node"
 CPP_DIR = ROOT / "examples" / "cpp"
-REQUIRED = os.environ.get("GENFORGE_REQUIRE_CLIENTS") == "1"
-
-
-def _unavailable(why: str) -> None:
-    if REQUIRED:
-        pytest.fail(f"GENFORGE_REQUIRE_CLIENTS=1 but {why}")
-    pytest.skip(why)
 
 
 @pytest.fixture(scope="session")
 def node() -> str:
     exe = shutil.which("node")
     if exe is None:
-        _unavailable("node is not installed")
+        unavailable("node is not installed")
     if not (NODE_DIR / "node_modules" / "onnxruntime-node").is_dir():
-        _unavailable("examples/node has no node_modules (cd examples/node && npm ci --ignore-scripts)")
+        unavailable("examples/node has no node_modules (cd examples/node && npm ci --ignore-scripts)")
     return str(exe)
 
 
 @pytest.fixture(scope="session")
 def cpp_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("g++") is None:
-        _unavailable("g++ is not installed")
+        unavailable("g++ is not installed")
     if not Path("/usr/include/nlohmann/json.hpp").is_file():
-        _unavailable("nlohmann-json's headers are missing (apt-get install nlohmann-json3-dev)")
+        unavailable("nlohmann-json's headers are missing (apt-get install nlohmann-json3-dev)")
     out = tmp_path_factory.mktemp("cpp") / "sample"
     t = time.perf_counter()
     r = subprocess.run(["bash", str(CPP_DIR / "build.sh"), str(out)], capture_output=True, text=True,
