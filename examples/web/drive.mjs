@@ -5,7 +5,8 @@
 //
 //   node drive.mjs URL '{"n": 6, "seed": 1, "rows": 3, "strokes": [[[0, 1], [2, 6]]], "screenshot": "p.png"}'
 //
-// strokes: lines drawn with the left button, each [[row, col], [row, col]] in image pixels. CHROMIUM names the
+// ep, decode_ep: the page's execution providers (default: its own choice); browser_args: Chromium's flags instead of
+// --disable-gpu (e.g. SwiftShader's software WebGPU, see tests/test_web.py). strokes: lines drawn with the left button, each [[row, col], [row, col]] in image pixels. CHROMIUM names the
 // browser (default /usr/bin/chromium).
 import puppeteer from "puppeteer-core";
 
@@ -14,7 +15,7 @@ const job = JSON.parse(raw ?? "{}");
 const browser = await puppeteer.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
   headless: true,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+  args: ["--no-sandbox", "--disable-dev-shm-usage", ...(job.browser_args ?? ["--disable-gpu"])],
 });
 const report = { console: [] };
 try {
@@ -23,15 +24,21 @@ try {
   page.on("pageerror", (e) => report.console.push(String(e)));
   await page.setViewport({ width: 1200, height: 1000 });
   const t0 = Date.now();
-  await page.goto(`${url}?n=${job.n}&seed=${job.seed}`, { waitUntil: "load" });
-  await page.waitForFunction(() => window.demo && window.demo.ready, { timeout: 60000 });
-  await page.evaluate(() => window.demo.ready);
+  await page.goto(`${url}?n=${job.n}&seed=${job.seed}${job.ep ? `&ep=${job.ep}` : ""}${job.decode_ep ? `&decode_ep=${job.decode_ep}` : ""}`, { waitUntil: "load" });
+  await page.waitForFunction(() => window.demo && window.demo.state !== "loading", { timeout: 120000 });
+  if ((await page.evaluate(() => window.demo.state)) === "failed") {
+    throw new Error(`the page failed: ${await page.$eval("#error", (e) => e.textContent)}`);
+  }
   report.load_ms = Date.now() - t0;
   report.page_load_ms = await page.evaluate(() => window.demo.loadMs);
   report.ep = await page.evaluate(() => window.demo.ep);
+  report.decode_ep = await page.evaluate(() => window.demo.decodeEp);
   report.error = await page.$eval("#error", (e) => e.textContent);
 
   const { n, seed } = job;
+  // The forward graph on random images: the log-probabilities every decoder's draws come from.
+  if (job.forward) report.forward = await page.evaluate((f) => window.demo.forward(f), job.forward);
+  if (job.forward) report.step_log_probs = await page.evaluate((f) => window.demo.steps(f), job.forward);
   report.graph = await page.evaluate((n, seed) => window.demo.sample({ n, seed, start: 0, decoder: "graph" }), n, seed);
   report.steps = await page.evaluate((n, seed) => window.demo.sample({ n, seed, start: 3, decoder: "steps" }), n, seed);
 
@@ -60,7 +67,11 @@ try {
   await page.waitForFunction(() => window.demo.last || document.querySelector("#error").textContent, { timeout: 60000 });
   report.completion = await page.evaluate(() => window.demo.last);
 
-  if (job.time) report.timing = await page.evaluate((t) => window.demo.timeBoth(t), job.time);
+  // time: one request, or a list of them; each gives ms per image of every decoder the bundle has.
+  if (Array.isArray(job.time)) {
+    report.timing = [];
+    for (const t of job.time) report.timing.push({ ...t, ...(await page.evaluate((t) => window.demo.timeBoth(t), t)) });
+  } else if (job.time) report.timing = await page.evaluate((t) => window.demo.timeBoth(t), job.time);
   report.error = await page.$eval("#error", (e) => e.textContent);
   // What each canvas shows: the number of distinct colours (a blank canvas has one or two).
   report.colours = await page.evaluate(() => Object.fromEntries([...document.querySelectorAll("canvas")].map((c) => {

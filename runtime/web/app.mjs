@@ -2,14 +2,16 @@
 // onnxruntime-web from the bundle's ONNX graphs. The randomness, the sampling rule and both decoding protocols
 // are genforge.mjs, the module the Node client runs too, so a seed gives genforge.runtime's images.
 //
-// URL parameters: ep=wasm|webgpu (default: webgpu where the browser has an adapter, else wasm), decoder=auto|
-// graph|steps, n, seed, start. window.demo exposes the same calls to scripts (the page's test drives it).
+// URL parameters: ep=wasm|webgpu (default: webgpu where the browser has an adapter, else wasm; see openBundle for
+// what runs on it), decode_ep, decoder=auto|graph|steps, n, seed, start. window.demo exposes the same calls
+// to scripts (the page's test drives it).
 import * as ort from "/ort/ort.all.min.mjs";
 import {
-  checkBinding, checkManifest, defaultLabels, logProb, sampleGraph, sampleSteps,
+  checkBinding, checkManifest, defaultLabels, logProb, sampleGraph, sampleSteps, stepLogProbs, toNchw,
 } from "./genforge.mjs";
 
 ort.env.wasm.wasmPaths = "/ort/";
+ort.env.logLevel = "error"; // nor its warnings about which nodes run on the CPU (logSeverityLevel below): noise to a user
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
 
@@ -41,19 +43,27 @@ async function openBundle() {
     if (m.files["onnx.data"]) externalData.push({ path: "onnx.data", data: await fetchBytes("onnx.data") });
   }
   const ep = params.get("ep") ?? ((await webgpuAdapter()) ? "webgpu" : "wasm");
-  // WebGPU has no kernel for Loop (sample.onnx's loop runs on WebAssembly anyway), and int64 inputs stay on the CPU.
-  const providers = ep === "webgpu" ? ["webgpu", "wasm"] : ["wasm"];
+  // Decoding runs on WebAssembly whatever `ep` says, WebGPU serving the forward graph (log-likelihoods) alone:
+  // onnxruntime-web 1.30.0 has no WebGPU kernel for Loop, and with sample.onnx's loop body on WebGPU around a
+  // WebAssembly Loop it fails in the body's ScatterElements; the row/step graphs run on WebGPU but their
+  // log-probabilities were up to 0.026 nats off the forward graph's (on SwiftShader; 2.4e-7 on WebAssembly and for
+  // the forward graph on WebGPU), enough to draw other images (tests/test_web.py). decode_ep=webgpu tries anyway.
+  const decodeEp = params.get("decode_ep") ?? "wasm";
+  const providers = (name) => ((name === "forward" ? ep : name === "sample" ? "wasm" : decodeEp) === "webgpu"
+    ? ["webgpu", "wasm"] : ["wasm"]);
   const made = {};
   const session = (name) => {
     made[name] ??= (async () => {
       const graph = m.graphs[`${name}.onnx`];
       if (!graph) throw new Error(`the bundle has no ${name}.onnx`);
-      return ort.InferenceSession.create(await fetchBytes(graph.file), { executionProviders: providers, externalData });
+      return ort.InferenceSession.create(await fetchBytes(graph.file),
+        { executionProviders: providers(name), externalData, logSeverityLevel: 3 });
     })();
     return made[name];
   };
-  await Promise.all(["forward", "row", "step"].map(session));
-  return { m, session, ep, loadMs: performance.now() - t0 };
+  // One at a time: onnxruntime-web initialises each backend on its first session, and refuses two at once.
+  for (const name of ["forward", "row", "step"]) await session(name);
+  return { m, session, ep, decodeEp, loadMs: performance.now() - t0 };
 }
 
 // ---- drawing images ------------------------------------------------------------------------------------------
@@ -83,7 +93,7 @@ const scaleFor = (m, target) => Math.max(2, Math.floor(target / Math.max(m.image
 // ---- the page ------------------------------------------------------------------------------------------------
 async function main() {
   const bundle = await openBundle();
-  const { m, session, ep } = bundle;
+  const { m, session, ep, decodeEp } = bundle;
   const { height: H, width: W, channels: C } = m.image;
   const preferred = { graph: 0, steps: 0 }; // ms per image as timed by "Time both" (0: not yet)
   // Measured in headless Chromium on WebAssembly (README, "In the browser"): one sample.onnx call beats the
@@ -91,7 +101,8 @@ async function main() {
   const autoDecoder = () => (preferred.graph && preferred.steps ? (preferred.graph <= preferred.steps ? "graph" : "steps")
     : m.graphs["sample.onnx"] ? "graph" : "steps");
   $("about").textContent = `${m.model} bundle (format ${m.version}): ${H}x${W}x${C}, ${m.levels} levels` +
-    `${m.num_classes ? `, ${m.num_classes} classes` : ""}; onnxruntime-web ${ort.env.versions?.web ?? ""} on ${ep}; ` +
+    `${m.num_classes ? `, ${m.num_classes} classes` : ""}; onnxruntime-web ${ort.env.versions?.web ?? ""}: decoding on ` +
+    `${decodeEp}, log-likelihoods on ${ep}; ` +
     `loaded in ${bundle.loadMs.toFixed(0)} ms`;
   if (m.num_classes) {
     $("class-label").hidden = false;
@@ -127,7 +138,7 @@ async function main() {
     paint($("grid"), r.images, n, m, { scale: scaleFor(m, 64), columns });
     $("sample-status").textContent = `${n} images (seed ${seed}, indices ${start} to ${start + n - 1}) in ` +
       `${r.ms.toFixed(0)} ms: ${(r.ms / n).toFixed(1)} ms per image, ${((1000 * n) / r.ms).toFixed(1)} images/s ` +
-      `(${r.decoder === "graph" ? "sample.onnx" : "row/step graphs"} on ${ep})`;
+      `(${r.decoder === "graph" ? "sample.onnx on wasm" : `row/step graphs on ${decodeEp}`})`;
     return { images: Array.from(r.images), decoder: r.decoder, ms: r.ms, labels };
   }
 
@@ -188,7 +199,7 @@ async function main() {
       out[d] = preferred[d] = r.ms / n;
     }
     $("sample-status").textContent = Object.entries(out).map(([d, ms]) => `${d}: ${ms.toFixed(2)} ms per image`).join("; ") +
-      ` at batch ${n} on ${ep}; auto runs ${autoDecoder()}`;
+      ` at batch ${n} (decoding on ${decodeEp}); auto runs ${autoDecoder()}`;
     return out;
   }
 
@@ -205,12 +216,21 @@ async function main() {
   $("complete").addEventListener("click", guard(() => complete().then((r) => { window.demo.last = r; })));
   $("time-both").addEventListener("click", guard(() => timeBoth()));
   for (const b of ["sample", "complete", "time-both"]) $(b).disabled = false;
-  Object.assign(window.demo, { manifest: m, ep, loadMs: bundle.loadMs, sample, complete, timeBoth, drawing, drawScale });
+  // The forward graph's log_probs (n, C, H, W, K) for images (n, H, W, C): what the page's sampling rule reads.
+  async function forward({ images, n, labels = null }) {
+    const feeds = { x: new ort.Tensor("float32", toNchw(images, n, H, W, C), [n, C, H, W]) };
+    if (m.num_classes) feeds.labels = new ort.Tensor("int64", BigInt64Array.from((labels ?? defaultLabels(m, n, 0)).map(BigInt)), [n]);
+    return Array.from((await (await session("forward")).run(feeds)).log_probs.data);
+  }
+  const steps = async ({ images, n, labels = null }) => Array.from(await stepLogProbs(ort, session, m, { images, n, labels }));
+  Object.assign(window.demo, { manifest: m, ep, decodeEp, loadMs: bundle.loadMs, sample, complete, timeBoth, forward, steps,
+    drawing, drawScale });
   await sample(fromForm());
 }
 
-window.demo = {};
-window.demo.ready = main().then(() => true, (e) => {
+// state: "loading", then "ready" or "failed" (the error is on the page).
+window.demo = { state: "loading" };
+main().then(() => { window.demo.state = "ready"; }, (e) => {
   $("error").textContent = `error: ${e.message}`;
-  throw e;
+  window.demo.state = "failed";
 });

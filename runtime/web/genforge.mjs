@@ -167,7 +167,9 @@ export async function sampleGraph(ort, session, m, options) {
 }
 
 // The row/step protocol, with the caches paired as the manifest's "state" says and the rule applied here.
-export async function sampleSteps(ort, session, m, options) {
+// `seen(i, j, k, logProbs)`, if given, is called with each step's log_probs (n, C, K) before sub-pixel k is drawn;
+// `force` ((n, H, W, C) levels), if given, replaces each draw (teacher forcing, for stepLogProbs).
+export async function sampleSteps(ort, session, m, options, { seen = null, force = null } = {}) {
   const q = request(m, options);
   const { n, H, W, C } = q;
   const K = m.levels;
@@ -207,13 +209,29 @@ export async function sampleSteps(ort, session, m, options) {
       }
       for (let k = 0; k < C; k++) {
         const lp = (await call(step, stepGraph, { x_row: rowOf(i), j: i64(ort, [j], [1]) })).log_probs.data; // (n, C, K)
+        if (seen) seen(i, j, k, lp);
         for (let b = 0; b < n; b++) {
-          x[((b * C + k) * H + i) * W + j] = inverseCdf(lp, (b * C + k) * K, K, u[((b * H + i) * W + j) * C + k]);
+          const p = ((b * H + i) * W + j) * C + k;
+          x[((b * C + k) * H + i) * W + j] = force ? force[p] : inverseCdf(lp, (b * C + k) * K, K, u[p]);
         }
       }
     }
   }
   return toNhwc(x, n, H, W, C);
+}
+
+// The log-probabilities the row/step protocol reads on its way through `images` ((n, H, W, C) uint8), as
+// (n, H, W, C, K) float32: what forward.onnx gives for those images, computed step by step (a test holds each
+// execution provider's step graphs against the forward graph with it).
+export async function stepLogProbs(ort, session, m, { images, n, labels = null }) {
+  const { height: H, width: W, channels: C } = m.image;
+  const K = m.levels;
+  const out = new Float32Array(n * H * W * C * K);
+  const seen = (i, j, k, lp) => {
+    for (let b = 0; b < n; b++) out.set(lp.subarray((b * C + k) * K, (b * C + k + 1) * K), (((b * H + i) * W + j) * C + k) * K);
+  };
+  await sampleSteps(ort, session, m, { n, labels }, { seen, force: images });
+  return out;
 }
 
 // log p(image) in nats from forward.onnx: the sum over sub-pixels of log_probs at the image's levels, in float64
