@@ -5,7 +5,7 @@
 //
 //   node drive.mjs URL '{"n": 6, "seed": 1, "rows": 3, "strokes": [[[0, 1], [2, 6]]], "screenshot": "p.png"}'
 //
-// ep, decode_ep: the page's execution providers (default: its own choice); browser_args: Chromium's flags instead of
+// ep, decode_ep: the page's execution providers (default: its own choice); threads: WebAssembly threads; browser_args: Chromium's flags instead of
 // --disable-gpu (e.g. SwiftShader's software WebGPU, see tests/test_web.py). strokes: lines drawn with the left button, each [[row, col], [row, col]] in image pixels. CHROMIUM names the
 // browser (default /usr/bin/chromium).
 import puppeteer from "puppeteer-core";
@@ -24,7 +24,7 @@ try {
   page.on("pageerror", (e) => report.console.push(String(e)));
   await page.setViewport({ width: 1200, height: 1000 });
   const t0 = Date.now();
-  await page.goto(`${url}?n=${job.n}&seed=${job.seed}${job.ep ? `&ep=${job.ep}` : ""}${job.decode_ep ? `&decode_ep=${job.decode_ep}` : ""}`, { waitUntil: "load" });
+  await page.goto(`${url}?n=${job.n}&seed=${job.seed}${job.ep ? `&ep=${job.ep}` : ""}${job.decode_ep ? `&decode_ep=${job.decode_ep}` : ""}${job.threads ? `&threads=${job.threads}` : ""}`, { waitUntil: "load" });
   await page.waitForFunction(() => window.demo && window.demo.state !== "loading", { timeout: 120000 });
   if ((await page.evaluate(() => window.demo.state)) === "failed") {
     throw new Error(`the page failed: ${await page.$eval("#error", (e) => e.textContent)}`);
@@ -33,6 +33,7 @@ try {
   report.page_load_ms = await page.evaluate(() => window.demo.loadMs);
   report.ep = await page.evaluate(() => window.demo.ep);
   report.decode_ep = await page.evaluate(() => window.demo.decodeEp);
+  report.threads = await page.evaluate(() => window.demo.threads);
   report.error = await page.$eval("#error", (e) => e.textContent);
 
   const { n, seed } = job;

@@ -13,6 +13,11 @@ import {
 ort.env.wasm.wasmPaths = "/ort/";
 ort.env.logLevel = "error"; // nor its warnings about which nodes run on the CPU (logSeverityLevel below): noise to a user
 const params = new URLSearchParams(location.search);
+// WebAssembly threads: every core (at most 8) where the page is cross-origin isolated (gen-demo's headers), not
+// onnxruntime-web's half of them: on 2 cores sample.onnx took 83 ms an image at batch 16 with 2 threads, 108 ms
+// with its default 1 (benchmarks/web_page.py --threads). threads=N chooses.
+ort.env.wasm.numThreads = params.has("threads") ? Number(params.get("threads"))
+  : self.crossOriginIsolated ? Math.min(8, navigator.hardwareConcurrency || 1) : 1;
 const $ = (id) => document.getElementById(id);
 
 async function fetchBytes(name) {
@@ -223,7 +228,7 @@ async function main() {
     return Array.from((await (await session("forward")).run(feeds)).log_probs.data);
   }
   const steps = async ({ images, n, labels = null }) => Array.from(await stepLogProbs(ort, session, m, { images, n, labels }));
-  Object.assign(window.demo, { manifest: m, ep, decodeEp, loadMs: bundle.loadMs, sample, complete, timeBoth, forward, steps,
+  Object.assign(window.demo, { manifest: m, ep, decodeEp, threads: ort.env.wasm.numThreads, loadMs: bundle.loadMs, sample, complete, timeBoth, forward, steps,
     drawing, drawScale });
   await sample(fromForm());
 }
