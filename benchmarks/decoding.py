@@ -18,7 +18,8 @@ exported with ONNX and TorchScript graphs. For each model, backend and batch siz
 - naive: every step is the same full forward pass, so it is timed over the first ``--naive-rows`` rows and
   extrapolated linearly to the whole image (said as such in the table).
 
-- auto: what ``decoder="auto"`` runs, batch after batch (``AutoregressiveSampler._decode_auto``): from batch 9
+- auto: what ``decoder="auto"`` runs, batch after batch (``AutoregressiveSampler._decode_auto``,
+  runtime/policy.py): from batch 9
   to 128 it times windowed parallel against cached decoding on its first two batches and then runs the
   faster (``DecoderTuner``), so its first two calls (the warm-up round and the first timed round) include the
   slower decoder once; elsewhere the rule's pick.
@@ -59,15 +60,17 @@ from genforge.runtime.decoding import (
     window_decode,
 )
 from genforge.runtime.files import atomic_write_json
-from genforge.runtime.progress import Progress
-from genforge.runtime.randomness import uniforms
-from genforge.runtime.sampler import (
+from genforge.runtime.policy import (
     PARALLEL_MAX_BATCH,
     TUNE_MAX_BATCH,
     WINDOW_PARALLEL_MAX_BATCH,
     auto_decoder,
     cached_threads,
+    tuned,
 )
+from genforge.runtime.progress import Progress
+from genforge.runtime.randomness import uniforms
+from genforge.runtime.strategies import DecodeRequest, WindowParallel
 from genforge.train.checkpoint import RunConfig, save_weights
 
 
@@ -106,8 +109,10 @@ def timed_adaptive(fn: Any, repeats: int) -> float:
 
 def windowed(sampler: Any, u: np.ndarray, rows: int = WINDOW_ROWS, stats: dict | None = None) -> np.ndarray:
     """Windowed parallel decoding as the sampler runs it, starting caches included."""
-    return window_decode(sampler._window(), sampler._window_start(len(u), None), u, levels=sampler.levels,
-                         rows=rows, stats=stats)
+    fmt = sampler.backend.graph_format
+    start = WindowParallel.start_caches(sampler, fmt, len(u), None)
+    return window_decode(WindowParallel.window_fn(sampler, fmt), start, u, levels=sampler.levels, rows=rows,
+                         stats=stats)
 
 
 def timed_interleaved(fns: dict[str, Any], repeats: int) -> dict[str, float]:
@@ -146,7 +151,7 @@ def bench(bundle: Path, backend: str, batch: int, naive_rows: int, repeats: int,
     # What decoder="auto" runs, as sample() runs it batch by batch: where its tuner times both decoders, its
     # first call (the warm-up round) runs the rule's pick and its second the other, later ones the faster.
     off = Progress(0, "auto", enabled=False)
-    contenders["auto"] = lambda: sampler._decode_auto(u, None, off, None, 0)
+    contenders["auto"] = lambda: sampler._decode_auto(DecodeRequest(u, None, sampler.levels), off)
     if len(steppers) > 1:  # the split's gain, timed in the same rounds
         contenders["cached_one_thread"] = lambda: cached_decode(steppers[0], u, levels=sampler.levels)
     if batch <= forward_parallel_max_batch:
@@ -180,7 +185,8 @@ def bench(bundle: Path, backend: str, batch: int, naive_rows: int, repeats: int,
         "parallel_window_rows": WINDOW_ROWS,
         "parallel_forward_s": forward_s, "parallel_forward_iterations": fstats["iterations"],
         "parallel_forward_vs_cached": forward_s and cached_s / forward_s,
-        "auto_rule": rule, "auto_s": secs["auto"], "auto_tuned": sampler._tuned(batch),
+        "auto_rule": rule, "auto_s": secs["auto"], "auto_tuned": tuned(batch, backend, "cpu", windowed=True,
+                                                                  candidates=set(sampler.decoders)),
         # What auto settled on: the faster of its timings, or the rule's pick where it does not time.
         "auto": sampler.tuner.faster((batch, 0, False)) or rule,
         "auto_vs_best_of_parallel_and_cached": secs["auto"] / min(parallel_s, cached_s),

@@ -49,7 +49,8 @@ def main() -> None:
             r = subprocess.run(["node", "drive.mjs", server.url, json.dumps(job)], cwd=ROOT / "examples" / "web",
                                capture_output=True, text=True, check=True, env={**os.environ})
             report = json.loads(r.stdout)
-            runs.append({"ep": report["ep"], "threads": report["threads"], "page_load_ms": report["page_load_ms"], "timing": report["timing"]})
+            runs.append({"ep": report["ep"], "threads": report["threads"], "page_load_ms": report["page_load_ms"],
+                         "timing": report["timing"]})
     finally:
         server.shutdown()
         server.server_close()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from genforge.runtime.strategies import DECODERS
+
 from .common import BACKEND_CHOICES, one_line_errors
 
 
@@ -20,7 +22,7 @@ from .common import BACKEND_CHOICES, one_line_errors
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="auto: triton on CUDA when it imports, else onnx (torch-free), else torchscript.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--decoder", type=click.Choice(["auto", "cached", "naive", "graph", "parallel"]), default="auto",
+@click.option("--decoder", type=click.Choice(["auto", *DECODERS]), default="auto",
               show_default=True,
               help="cached: the incremental form, about one forward pass per image; naive: one full forward pass "
               "per sub-pixel; graph: the bundle's sample.onnx (onnx backend); parallel: the forward pass iterated "

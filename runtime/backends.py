@@ -31,7 +31,11 @@ from .errors import RuntimeBackendError
 class Backend(Protocol):
     name: str
     device: str
+    graph_format: str | None  # the format of the bundle's graphs it runs ("onnx", "torchscript"), or None
     fused: bool  # decodes whole images itself (decode_images) rather than stepping a cached form
+
+    @classmethod
+    def splits_cached_batch_on(cls, device: str) -> bool: ...
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
@@ -39,9 +43,13 @@ class Backend(Protocol):
 
 
 def cache_inputs(bundle: Bundle, fmt: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(input name, shape without batch) of the step graph's caches, in argument order."""
+    """(input name, shape without batch) of the step graph's caches, in argument order: the inputs its manifest
+    ``state`` pairs with a cache (bundles whose graphs have no ``state`` name them ``cache_*``)."""
     step = bundle.graph("step", fmt)
-    return [(i["name"], tuple(int(d) for d in i["shape"][1:])) for i in step.inputs if i["name"].startswith("cache_")]
+    state = bundle.manifest["graphs"][f"step.{fmt}"].get("state")
+    fed = {s["input"] for s in state if s.get("input")} if state is not None else None
+    return [(i["name"], tuple(int(d) for d in i["shape"][1:])) for i in step.inputs
+            if (i["name"] in fed if fed is not None else i["name"].startswith("cache_"))]
 
 
 def cuda_visible() -> bool:
@@ -51,7 +59,16 @@ def cuda_visible() -> bool:
 
 class OnnxBackend:
     name = "onnx"
+    graph_format = "onnx"  # the bundle's graphs it runs
     fused = False
+    # A decoding step is a chain of tiny ops: intra-op threads only add synchronization, so these run on one.
+    single_threaded_graphs = ("step", "row", "step_updates")
+
+    @classmethod
+    def splits_cached_batch_on(cls, device: str) -> bool:
+        """Whether cached decoding should split a large batch between threads: on the CPU, where the step
+        graphs run single-threaded (single_threaded_graphs), one stepper per core uses the cores."""
+        return device == "cpu"
 
     def __init__(self, bundle: Bundle, device: str = "auto") -> None:
         try:
@@ -80,8 +97,7 @@ class OnnxBackend:
             spec = self.bundle.graph(graph, "onnx")
             opts = self._ort.SessionOptions()
             opts.log_severity_level = 3  # keep provider fallback chatter out of the user's terminal
-            if graph in ("step", "row", "step_updates"):
-                # A decoding step is a chain of tiny ops: intra-op threads only add synchronization.
+            if graph in self.single_threaded_graphs:
                 opts.intra_op_num_threads = 1
             try:
                 with onnx_model_source(self.bundle, spec, opts) as source:
@@ -221,9 +237,9 @@ class OnnxStepper:
             raise BundleError(f"{bundle.path}: step_updates.onnx's writes as the manifest's 'updates' place them "
                               f"do not match step.onnx: {problem}")
 
-    # step_updates from this batch size on (measured on the trained 64x8 PixelCNN, format 6, seconds per batch,
-    # full-cache step / step_updates: 0.299 / 0.316 at 1, 0.238 / 0.225 at 4, 0.385 / 0.276 at 16, 0.616 /
-    # 0.352 at 32): below it, applying the writes from Python costs about what the cache copies it saves.
+    # step_updates from this batch size on: below it, applying the writes from Python costs about what the
+    # cache copies it saves (a full-cache step against step_updates, timed when format 6 brought them; the
+    # committed decoding run has no per-graph figure, so the note of the issue that chose 4 holds the timings).
     updates_min_batch = 4
 
     def reset(self, batch: int, labels: np.ndarray | None) -> None:
@@ -289,7 +305,12 @@ def apply_updates(caches: list[np.ndarray], plan: UpdatePlan, values: dict[str, 
 
 class TorchScriptBackend:
     name = "torchscript"
+    graph_format = "torchscript"
     fused = False
+
+    @classmethod
+    def splits_cached_batch_on(cls, device: str) -> bool:
+        return False  # torch's own threads already work inside each step
 
     def __init__(self, bundle: Bundle, device: str = "auto") -> None:
         try:

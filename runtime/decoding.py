@@ -26,10 +26,9 @@ ForwardFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 # window graph (docs/bundle.md, "Windowed parallel decoding").
 WindowFn = Callable[[np.ndarray, int, list, "np.ndarray | None"], tuple[np.ndarray, list]]
 
-# Rows per window, from the first unfinished one's row down: measured on the trained 64x8 PixelCNN on ONNX
-# (benchmarks/decoding.py, "window_rows_sweep_onnx_trained" in its JSON): at batch 16, 3 and 4 rows took
-# 0.55 s (69 and 62 passes), 1 row 0.75 s (152 passes), 8 rows 0.94 s; at batch 1, 2 rows 0.041 s, 3 rows
-# 0.052 s, 8 rows 0.072 s (in earlier runs 2-4 rows swapped places).
+# Rows per window, from the first unfinished one's row down: too few and a pass finalises little (more passes),
+# too many and each pass computes rows that later passes redo. The fastest depth at batch 16 in
+# benchmarks/decoding.py's sweep (JSON: window_rows_sweep_onnx_trained; tests/test_policy.py checks it).
 WINDOW_ROWS = 3
 
 

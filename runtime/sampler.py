@@ -4,18 +4,28 @@ decoding loop itself is in decoding.py and the graphs run in a backend."""
 from __future__ import annotations
 
 import numbers
-import os
 import time
 
 import numpy as np
 
-from .backends import Backend, cache_inputs
+from .backends import Backend
 from .bundle import Bundle
-from .decoding import WindowFn, naive_decode, parallel_decode, split_cached_decode, window_decode
 from .errors import InputError
 from .latent import levels_from_log_probs, levels_from_mean
+from .policy import (  # noqa: F401 (the auto policy, importable from here as before)
+    CACHED_THREAD_MIN_IMAGES,
+    PARALLEL_MAX_BATCH,
+    TUNE_MAX_BATCH,
+    TUNE_RETRY,
+    WINDOW_PARALLEL_MAX_BATCH,
+    DecoderTuner,
+    auto_decoder,
+    cached_threads,
+    tuned,
+)
 from .progress import Progress, chunks
 from .randomness import normals, uniforms
+from .strategies import DECODERS, DecodeRequest, Strategy, WindowParallel, offered, strategy
 
 
 def available_memory() -> int | None:
@@ -147,90 +157,6 @@ class Sampler:
         return images
 
 
-DECODERS = ("cached", "naive", "graph", "parallel")
-
-
-# decoder="auto" on the CPU, from benchmarks/decoding.py on a trained binarized-MNIST PixelCNN (README,
-# "Performance"). Windowed parallel decoding (bundles with a window graph: the PixelCNNs) costs passes x a few
-# rows of the batch; cached decoding ~100 tiny operations per sub-pixel whatever the batch, so parallel wins at
-# small batches, up to WINDOW_PARALLEL_MAX_BATCH[backend]. Measured on the trained 64x8 PixelCNN after cached
-# decoding got contiguous caches and step_updates from batch 4 (bundle format 6), parallel against cached in
-# the committed run: ONNX 5.6x at batch 1, 2.5x at 4, 1.77x at 8, 0.89x at 16; TorchScript 4.1x, 1.6x, 1.34x,
-# 0.86x (the run before: 1.18x and 0.74x on ONNX at 8 and 16); so 8 on both (it was 32 on ONNX while cached
-# ONNX steps copied every cache). Whole-forward parallel decoding (the PixelRNNs)
-# costs passes x a whole forward pass and wins at batch 1 on ONNX only (1.4x there, 0.6x at batch 4;
-# TorchScript's forward pass is ~4x slower than onnxruntime's). On the GPU the fused Triton decoders are the
-# default.
-PARALLEL_MAX_BATCH = 1
-WINDOW_PARALLEL_MAX_BATCH = {"onnx": 8, "torchscript": 8}
-
-# Cached decoding on the ONNX CPU backend runs its step graphs single-threaded (a step is a chain of tiny ops,
-# where intra-op threads only synchronize), so with CACHED_THREAD_MIN_IMAGES images or more per thread it
-# splits the batch between threads, one per core. On 2 cores (trained 64x8 PixelCNN, one thread against two
-# alternating in one process, medians): 1.25-1.6x faster at batch 256 in six runs, 1.06x at 128, 0.89x at 64.
-CACHED_THREAD_MIN_IMAGES = 128
-
-
-# Where the batch size alone does not settle it, decoder="auto" times the two on real batches: windowed
-# parallel decoding's passes depend on the model (a trained binarized-MNIST PixelCNN needs 69-79 passes at
-# batch 16-64, a random-weight one 25-30), so in the committed run parallel against cached at batch 16, 32,
-# 64 was 1.03x, 0.62x, 0.41x on ONNX on the trained model and 1.35x, 1.30x, 0.86x on the random one (on
-# TorchScript 0.92x-0.43x and 2.40x-0.95x); at 128 cached won by 1.6x or more on both, and up to batch 8
-# parallel by 1.3x or more.
-TUNE_MAX_BATCH = 128
-# The slower of the two is timed again every TUNE_RETRY batches of a shape: one slow spell of the machine
-# (seen here to move a timing 2-3x) must not settle the choice for good.
-TUNE_RETRY = 16
-
-
-class DecoderTuner:
-    """Picks the faster of two decoders per batch shape by timing real batches (the images are the same
-    whichever runs). The first batch of a shape runs ``first`` (the rule's pick), the second ``other``, later
-    ones the faster so far, except that every ``retry``-th re-times the slower."""
-
-    def __init__(self, retry: int = TUNE_RETRY) -> None:
-        self.retry = retry
-        self.seconds: dict[tuple, dict[str, float]] = {}
-        self.batches: dict[tuple, int] = {}
-
-    def faster(self, key: tuple) -> str | None:
-        """The faster decoder by the latest timings of ``key``, or None before any."""
-        timed = self.seconds.get(key)
-        return min(timed, key=timed.__getitem__) if timed else None
-
-    def choose(self, key: tuple, first: str, other: str) -> str:
-        timed = self.seconds.get(key, {})
-        if first not in timed:
-            return first
-        if other not in timed:
-            return other
-        faster = self.faster(key)
-        return (other if faster == first else first) if self.batches[key] % self.retry == 0 else faster
-
-    def record(self, key: tuple, decoder: str, seconds: float) -> None:
-        self.seconds.setdefault(key, {})[decoder] = seconds
-        self.batches[key] = self.batches.get(key, 0) + 1
-
-
-def cached_threads(batch: int, backend: str, device: str) -> int:
-    """How many threads cached decoding of ``batch`` images splits the batch between."""
-    if backend != "onnx" or device != "cpu":
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, batch // CACHED_THREAD_MIN_IMAGES))
-
-
-def auto_decoder(available: list[str], batch: int, backend: str, device: str, *, windowed: bool = False) -> str:
-    """The decoder ``decoder="auto"`` runs for a batch by the measured rule (the sampler's tuner may then
-    time the other, see ``TUNE_MAX_BATCH``); ``windowed``: the bundle has a window graph for ``backend``."""
-    if "parallel" in available and device == "cpu":
-        if windowed and batch <= WINDOW_PARALLEL_MAX_BATCH.get(backend, 0):
-            return "parallel"
-        if not windowed and backend == "onnx" and batch <= PARALLEL_MAX_BATCH:
-            return "parallel"
-    return "cached" if "cached" in available else "naive"
-
-
 class AutoregressiveSampler(Sampler):
     """Samples and scores images of an autoregressive bundle (PixelCNN, Gated PixelCNN, PixelRNN).
 
@@ -254,118 +180,56 @@ class AutoregressiveSampler(Sampler):
 
     @property
     def decoders(self) -> list[str]:
-        """What this bundle can decode with: the manifest's, and parallel wherever naive works (it needs the
-        forward graph alone)."""
-        have = list(self.bundle.manifest.get("decoders", ["naive"]))
-        return [*have, "parallel"] if "naive" in have else have
+        """The decoder names this bundle offers (strategies.offered): the manifest's, and parallel wherever
+        naive works (it needs the forward graph alone)."""
+        return offered(self.bundle)
 
-    def _decode(
-        self, u: np.ndarray, labels: np.ndarray | None, decoder: str, bar: Progress,
-        prefix: np.ndarray | None = None, start_row: int = 0,
-    ) -> np.ndarray:
-        if decoder == "graph":
-            h, w, c = self.image_shape
-            feed = {"uniforms": u, "prefix": np.zeros((len(u), h, w, c), np.uint8) if prefix is None else prefix,
-                    "start_row": np.array([start_row], dtype=np.int64)}
-            if labels is not None:
-                feed["labels"] = labels
-            out = self.backend.run("sample", feed)[0]
-            bar.update(len(u) * h)
-            return out
-        if decoder == "cached" and self.backend.fused:
-            return self.backend.decode_images(u, labels, prefix, start_row)  # type: ignore[attr-defined]
-        if decoder == "cached":
-            steppers = [self.backend.stepper()
-                        for _ in range(cached_threads(len(u), self.backend.name, self.backend.device))]
-            return split_cached_decode(steppers, u, labels=labels, levels=self.levels, prefix=prefix,
-                                       start_row=start_row, progress=bar)
-        if decoder == "parallel":
-            stats: dict = {}
-            window = self._window()
-            if window is not None:
-                out = window_decode(window, self._window_start(len(u), labels), u, labels=labels,
-                                    levels=self.levels, prefix=prefix, start_row=start_row, progress=bar,
-                                    stats=stats)
-            else:
-                out = parallel_decode(self.forward, u, labels=labels, levels=self.levels, prefix=prefix,
-                                      start_row=start_row, progress=bar, stats=stats)
-            st = self.last_stats
-            st["method"] = "forward" if window is None else "window"
-            st.setdefault("iterations", []).append(stats["iterations"])
-            st["forward_passes"] = st.get("forward_passes", 0.0) + stats["forward_passes_per_image"] * len(u)
-            st["parallel_images"] = st.get("parallel_images", 0) + len(u)  # auto may run parallel on some batches
-            return out
-        return naive_decode(self.forward, u, labels=labels, levels=self.levels, prefix=prefix,
-                            start_row=start_row, progress=bar)
-
-    def _tuned(self, batch: int) -> bool:
-        """Whether decoder="auto" times windowed parallel against cached decoding for this batch size."""
-        return (self.backend.device == "cpu" and self._window_format() is not None
-                and {"cached", "parallel"} <= set(self.decoders)
-                and WINDOW_PARALLEL_MAX_BATCH.get(self.backend.name, 0) < batch <= TUNE_MAX_BATCH)
-
-    def _decode_auto(
-        self, u: np.ndarray, labels: np.ndarray | None, bar: Progress, prefix: np.ndarray | None, start_row: int,
-    ) -> tuple[np.ndarray, str]:
-        """One batch with decoder="auto": the rule's decoder, or where it is unsure the tuner's, timed."""
-        first = self._check_decoder("auto", len(u))
-        if not self._tuned(len(u)):
-            return self._decode(u, labels, first, bar, prefix, start_row), first
-        key = (len(u), start_row, labels is not None)
-        decoder = self.tuner.choose(key, first, "parallel" if first == "cached" else "cached")
-        t = time.perf_counter()
-        out = self._decode(u, labels, decoder, bar, prefix, start_row)
-        self.tuner.record(key, decoder, time.perf_counter() - t)
-        return out, decoder
-
-    def _check_decoder(self, decoder: str, batch: int = 1) -> str:
-        if decoder == "auto":
-            return auto_decoder(self.decoders, batch, self.backend.name, self.backend.device,
-                                windowed=self._window_format() is not None)
+    def _strategy(self, decoder: str) -> Strategy:
+        """The strategy that runs ``decoder`` (a public name) on this backend, or an InputError saying why none."""
         if decoder not in DECODERS:
             raise InputError(f"unknown decoder {decoder!r}; choose one of auto, {', '.join(DECODERS)}")
-        if decoder not in self.decoders:
-            raise InputError(f"this bundle has no {decoder} decoder (it has: {', '.join(self.decoders)})")
-        if decoder == "graph" and self.backend.name != "onnx":
-            raise InputError(f"decoder 'graph' runs sample.onnx on the onnx backend, not {self.backend.name}")
+        found = strategy(decoder, self.bundle, self.backend)
+        if isinstance(found, str):
+            raise InputError(found)
+        return found
+
+    def _windowed(self) -> bool:
+        """Whether "parallel" is windowed here (the bundle has a window graph this backend runs)."""
+        return isinstance(strategy("parallel", self.bundle, self.backend), WindowParallel)
+
+    def _resolve_decoder(self, decoder: str, batch: int = 1) -> str:
+        """The decoder name a request runs: ``decoder``, checked, or for "auto" the rule's pick for ``batch``."""
+        if decoder == "auto":
+            return auto_decoder(self.decoders, batch, self.backend.name, self.backend.device,
+                                windowed=self._windowed())
+        self._strategy(decoder)
         return decoder
 
-    def _window_format(self) -> str | None:
-        """The format whose ``window`` graph this backend runs, if the bundle has one (the fused Triton
-        backend runs the forward graph only)."""
-        fmt = self.backend.name
-        return fmt if fmt in ("onnx", "torchscript") and f"window.{fmt}" in self.bundle.manifest["graphs"] else None
+    def _decode(self, request: DecodeRequest, decoder: str, bar: Progress) -> np.ndarray:
+        """One batch through ``decoder``'s strategy; what it reports joins ``last_stats``."""
+        out, stats = self._strategy(decoder).decode(self, request, bar)
+        st = self.last_stats
+        for key, value in stats.items():
+            if key == "method":
+                st["method"] = value
+            elif key == "iterations":
+                st.setdefault("iterations", []).append(value)
+            else:
+                st[key] = st.get(key, 0) + value
+        return out
 
-    def _window(self) -> WindowFn | None:
-        """Windowed parallel decoding's window call on this backend (decoding.window_decode), or None."""
-        fmt = self._window_format()
-        if fmt is None:
-            return None
-        # Caches travel in the manifest's order; the ONNX file may not take those the window never reads.
-        state = self.bundle.manifest["graphs"][f"window.{fmt}"]["state"]
-
-        def window(x_rows: np.ndarray, advance: int, caches: list, labels: np.ndarray | None
-                   ) -> tuple[np.ndarray, list]:
-            feed = {"x_rows": x_rows.astype(np.float32, copy=False), "advance": np.array([advance], np.int64),
-                    **{s["input"]: cache for s, cache in zip(state, caches, strict=True) if s["input"]}}
-            if labels is not None:
-                feed["labels"] = labels
-            out = self.backend.run("window", feed)
-            return out[0], out[1:]
-
-        return window
-
-    def _window_start(self, batch: int, labels: np.ndarray | None) -> list[np.ndarray]:
-        """The caches as the ``row`` graph leaves them at row 0: where windowed decoding starts."""
-        fmt = self._window_format()
-        assert fmt is not None
-        _, w, c = self.image_shape
-        feed = {name: np.zeros((batch, *shape), np.float32) for name, shape in cache_inputs(self.bundle, fmt)}
-        feed.update(x_prev_row=np.zeros((batch, c, w), np.float32), has_prev=np.zeros(1, np.float32))
-        if labels is not None:
-            feed["labels"] = labels
-        spec = self.bundle.graph("row", fmt)
-        return self.backend.run("row", {i["name"]: feed[i["name"]] for i in spec.inputs})
+    def _decode_auto(self, request: DecodeRequest, bar: Progress) -> tuple[np.ndarray, str]:
+        """One batch with decoder="auto": the rule's decoder, or where it is unsure the tuner's, timed."""
+        first = self._resolve_decoder("auto", len(request))
+        if not tuned(len(request), self.backend.name, self.backend.device, windowed=self._windowed(),
+                     candidates=set(self.decoders)):
+            return self._decode(request, first, bar), first
+        key = (len(request), request.start_row, request.labels is not None)
+        decoder = self.tuner.choose(key, first, "parallel" if first == "cached" else "cached")
+        t = time.perf_counter()
+        out = self._decode(request, decoder, bar)
+        self.tuner.record(key, decoder, time.perf_counter() - t)
+        return out, decoder
 
     def forward(self, x: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
         """x float32 (B, C, H, W) levels -> log-probabilities (B, C, H, W, K)."""
@@ -413,7 +277,7 @@ class AutoregressiveSampler(Sampler):
         n = self.check_request(n, seed, batch_size, start)
         batch_size = self.work_batch(batch_size)
         auto = decoder == "auto"
-        decoder = self._check_decoder(decoder, min(n, batch_size))
+        decoder = self._resolve_decoder(decoder, min(n, batch_size))
         self.last_stats = {"decoder": decoder, "iterations": [], "forward_passes": 0.0, "parallel_images": 0,
                            "batch_decoders": []}
         h, w, c = self.image_shape
@@ -421,13 +285,13 @@ class AutoregressiveSampler(Sampler):
         out = np.zeros((n, h, w, c), dtype=np.uint8)
         with Progress(n * h, "sample", enabled=progress) as bar:
             for a, b in chunks(n, batch_size):
-                u = uniforms(seed, start + a, start + b, (h, w, c))
-                labels_b = None if lab is None else lab[a:b]
-                prefix_b = None if prefix is None else prefix[a:b]
+                request = DecodeRequest(uniforms(seed, start + a, start + b, (h, w, c)),
+                                        None if lab is None else lab[a:b], self.levels,
+                                        None if prefix is None else prefix[a:b], rows)
                 if auto:
-                    out[a:b], used = self._decode_auto(u, labels_b, bar, prefix_b, rows)
+                    out[a:b], used = self._decode_auto(request, bar)
                 else:
-                    out[a:b], used = self._decode(u, labels_b, decoder, bar, prefix_b, rows), decoder
+                    out[a:b], used = self._decode(request, decoder, bar), decoder
                 self.last_stats["batch_decoders"].append(used)
         # Which decoders ran, in the order they first did (auto may time both).
         self.last_stats["decoder"] = "+".join(dict.fromkeys(self.last_stats["batch_decoders"])) or decoder

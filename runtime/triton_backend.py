@@ -27,6 +27,11 @@ from .errors import BundleError, RuntimeBackendError
 
 class TritonBackend:
     name = "triton"
+    graph_format = None  # it rebuilds the network from the weights and runs no graph file
+
+    @classmethod
+    def splits_cached_batch_on(cls, device: str) -> bool:
+        return False
 
     def __init__(self, bundle: Bundle, device: str = "auto") -> None:
         try:

@@ -270,9 +270,9 @@ def test_gen_sample_command_runs_with_torch_blocked(runs, tmp_path: Path) -> Non
 
 
 def test_cached_decoding_split_between_threads_draws_the_same_images(runs, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large ONNX batches decode in one thread per core (sampler.cached_threads); the slices must come back
+    """Large ONNX batches decode in one thread per core (policy.cached_threads); the slices must come back
     in order with their own labels, prefixes and uniforms."""
-    import genforge.runtime.sampler as sampler
+    import genforge.runtime.policy as sampler
 
     _, bundle = runs["gated-cond"]
     s = load(bundle, backend="onnx", device="cpu")
