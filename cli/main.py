@@ -62,6 +62,9 @@ from .sample import sample_command
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Keep an exponential moving average of the weights with this decay (e.g. 0.999); evaluation "
               "and sample grids use it, and gen-export --ema exports it.")
+@click.option("--patience", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Stop after this many epochs without a better held-out score (0: train every step). Every run "
+              "keeps the weights of its best evaluation in model_best.safetensors (gen-export --weights best).")
 @click.option("--kl-warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="VAE: raise the KL weight linearly from 0 to 1 over this many steps.")
 @click.option("--iw-samples", type=click.IntRange(min=0), default=8, show_default=True,
@@ -102,7 +105,7 @@ def train_command(**o: object) -> None:
         seed=int(o["seed"]), eval_limit=int(o["eval_limit"]), checkpoint_every=int(o["checkpoint_every"]),
         log_every=int(o["log_every"]),
         n_samples=int(o["n_samples"]), dynamic_binarize=bool(o["dynamic_binarize"]), ema=float(o["ema"]),
-        cpu_bf16=bool(o["cpu_bf16"]),
+        cpu_bf16=bool(o["cpu_bf16"]), patience=int(o["patience"]),
     )
     # The family's own options; each family keeps the ones it has (objectives.OBJECTIVE_OPTIONS).
     objective = {k: o[k] for k in ("kl_warmup_steps", "iw_samples", "gan_k", "gan_loss")}
@@ -135,16 +138,22 @@ def train_command(**o: object) -> None:
               help="ONNX opset; from 18 on the supported (dynamo) exporter, below it the TorchScript-based one.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest |eager - exported| / (1 + |eager| / 50) allowed on fresh random inputs.")
-@click.option("--ema", is_flag=True, help="Export the moving-average weights (a run trained with --ema).")
+@click.option("--weights", type=click.Choice(["last", "ema", "best"]), default="last", show_default=True,
+              help="Which weights: the last step's, their moving average (a run trained with --ema), or those of "
+              "the best held-out evaluation (model_best.safetensors).")
+@click.option("--ema", is_flag=True, help="Same as --weights ema.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
 @one_line_errors
-def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int, tolerance: float, ema: bool,
-                   overwrite: bool) -> None:
+def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int, tolerance: float, weights: str,
+                   ema: bool, overwrite: bool) -> None:
     """Export the model of RUN_DIR to a verified bundle (manifest.json + graphs)."""
     from genforge.export import export_run
 
+    if ema and weights not in ("last", "ema"):
+        raise click.UsageError(f"--ema contradicts --weights {weights}")
     chosen = ("onnx", "torchscript") if "all" in formats else tuple(dict.fromkeys(formats))
-    path = export_run(run_dir, out, formats=chosen, opset=opset, tolerance=tolerance, overwrite=overwrite, ema=ema)
+    path = export_run(run_dir, out, formats=chosen, opset=opset, tolerance=tolerance, overwrite=overwrite,
+                      weights="ema" if ema else weights)
     click.echo(f"bundle: {path} ({', '.join(chosen)})")
 
 

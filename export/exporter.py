@@ -56,7 +56,7 @@ from genforge.runtime.files import (
     replace_dir,
 )
 from genforge.runtime.randomness import SCHEME
-from genforge.train.checkpoint import load_run, save_weights
+from genforge.train.checkpoint import best_record, load_run, save_weights
 
 from .errors import ExportError
 from .lean import ONNX_DATA, TORCHSCRIPT_ARCHIVE, externalize_onnx, trace_archive
@@ -338,8 +338,11 @@ def export_run(
     tolerance: float = DEFAULT_TOLERANCE,
     overwrite: bool = False,
     ema: bool = False,
+    weights: str | None = None,
 ) -> Path:
-    """Export the model of a run directory into a bundle directory ``out``; returns its path."""
+    """Export the model of a run directory into a bundle directory ``out``; returns its path. ``weights``:
+    "last", "ema" or "best" (train.checkpoint.weights_file); ``ema=True`` is ``weights="ema"``."""
+    weights = weights or ("ema" if ema else "last")
     for fmt in formats:
         if fmt not in GRAPH_FORMATS:
             raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(GRAPH_FORMATS)}")
@@ -352,7 +355,7 @@ def export_run(
         clean_dead_siblings(out)
         check_bundle_target(Path(run_dir), out, overwrite=overwrite)  # again: it may have changed while unlocked
         with interrupts_raise():
-            return _export_locked(Path(run_dir), out, formats, opset, tolerance, ema)
+            return _export_locked(Path(run_dir), out, formats, opset, tolerance, weights)
 
 
 class _Interrupted:
@@ -424,9 +427,11 @@ def is_bundle_dir(path: Path) -> bool:
 
 
 def _export_locked(
-    run_dir: Path, out: Path, formats: tuple[str, ...], opset: int, tolerance: float, ema: bool
+    run_dir: Path, out: Path, formats: tuple[str, ...], opset: int, tolerance: float, weights: str
 ) -> Path:
-    model, run = load_run(run_dir, ema=ema)
+    model, run = load_run(run_dir, weights=weights)
+    # source.ema says whether the weights are a moving average (the best ones are, where the run kept one).
+    ema = weights == "ema" or (weights == "best" and best_record(run_dir).get("weights") == "ema")
     model = model.float().cpu().eval()
     for m in model.modules():
         if isinstance(m, MaskedConv2d):

@@ -252,3 +252,48 @@ def test_cpu_bf16_autocast_trains_like_float32(tmp_path: Path) -> None:
         np.testing.assert_allclose(losses[True], losses[False], rtol=2e-2)
     else:
         assert losses[True] == losses[False]
+
+
+def test_the_best_evaluation_is_kept_and_patience_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """model_best.safetensors holds the weights of the evaluation with the lowest held-out NLL (the moving
+    average, where the run keeps one); --patience 2 stops two epochs after it, and a resumed run stays
+    stopped."""
+    scripted = iter([5.0, 3.0, 4.0, 4.5, 1.0, 0.5])
+    evaluated: list[dict[str, torch.Tensor]] = []
+
+    def scores(self: Trainer, data, limit: int = 0) -> dict[str, float]:
+        evaluated.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return {"nats_per_image": next(scripted)}
+
+    monkeypatch.setattr(Trainer, "evaluate", scores)
+    cfg = tiny_train(steps=60, batch_size=512, ema=0.5, patience=2, checkpoint_every=0)
+    r = train_run(model_overrides=TINY_MODEL, train=cfg, out=tmp_path / "r", progress=False)
+    recs = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    valid = [x for x in recs if x.get("split") == "valid"]
+    assert [x["nats_per_image"] for x in valid] == [5.0, 3.0, 4.0, 4.5]  # stopped after epoch 4
+    assert [bool(x.get("best")) for x in valid] == [True, True, False, False]
+    stop = [x for x in recs if x.get("early_stop")]
+    assert len(stop) == 1 and stop[0]["best_step"] == valid[1]["step"] and r.steps == valid[3]["step"] < 60
+    best, _ = load_run(r.run_dir, weights="best")
+    for k, v in best.state_dict().items():
+        assert torch.equal(v, evaluated[1][k]), k
+    ema, _ = load_run(r.run_dir, ema=True)  # the average at the end differs from the best one
+    assert any(not torch.equal(a, b) for a, b in zip(ema.state_dict().values(), best.state_dict().values(),
+                                                      strict=True))
+    record = ckpt.best_record(r.run_dir)
+    assert record["epoch"] == "2" and record["metric"] == "nats_per_image" and record["weights"] == "ema"
+    again = train_run(out=tmp_path / "r", resume=True, progress=False)
+    assert again.steps == r.steps and len(evaluated) == 4
+
+
+def test_unknown_or_missing_weights_are_one_line_errors(tmp_path: Path) -> None:
+    r = train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=2, eval_limit=0), out=tmp_path / "r",
+                  progress=False)
+    with pytest.raises(ckpt.CheckpointError, match="not trained with --ema"):
+        load_run(r.run_dir, weights="ema")
+    with pytest.raises(ckpt.CheckpointError, match="unknown weights 'newest'"):
+        load_run(r.run_dir, weights="newest")
+    (r.run_dir / ckpt.BEST_WEIGHTS_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="no held-out evaluation"):
+        load_run(r.run_dir, weights="best")

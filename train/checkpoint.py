@@ -37,6 +37,9 @@ STATE_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EMA_WEIGHTS_FILE = "model_ema.safetensors"
+# The weights that scored best on the held-out split (the moving average where the run keeps one).
+BEST_WEIGHTS_FILE = "model_best.safetensors"
+WEIGHT_CHOICES = ("last", "ema", "best")
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 
@@ -181,13 +184,35 @@ def model_from_config(run: RunConfig, source: str | Path) -> tuple[nn.Module, Im
     return build_model(run.model, config), config
 
 
-def load_run(run_dir: str | Path, *, ema: bool = False) -> tuple[nn.Module, RunConfig]:
-    """Rebuild the trained model of a run directory from its config.json and weights (eval mode)."""
+def weights_file(run_dir: str | Path, weights: str) -> Path:
+    """The file of a run's ``weights``: "last" (the latest step), "ema" (their moving average) or "best"
+    (the evaluation that scored best on the held-out split)."""
+    files = {"last": WEIGHTS_FILE, "ema": EMA_WEIGHTS_FILE, "best": BEST_WEIGHTS_FILE}
+    if weights not in files:
+        raise CheckpointError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHT_CHOICES)}")
+    path = Path(run_dir) / files[weights]
+    if weights != "last" and not path.exists():
+        why = "was not trained with --ema" if weights == "ema" else "has no held-out evaluation yet"
+        raise CheckpointError(f"{run_dir}: no {files[weights]} (the run {why})")
+    return path
+
+
+def load_run(run_dir: str | Path, *, ema: bool = False, weights: str | None = None) -> tuple[nn.Module, RunConfig]:
+    """Rebuild the trained model of a run directory from its config.json and weights (eval mode).
+    ``weights``: "last", "ema" or "best" (weights_file); ``ema=True`` is ``weights="ema"``."""
     run = read_run_config(run_dir)
     model, _ = model_from_config(run, Path(run_dir) / CONFIG_FILE)
-    weights = Path(run_dir) / (EMA_WEIGHTS_FILE if ema else WEIGHTS_FILE)
-    load_weights(weights, model)
+    load_weights(weights_file(run_dir, weights or ("ema" if ema else "last")), model)
     return model.eval(), run
+
+
+def best_record(run_dir: str | Path) -> dict[str, str]:
+    """What model_best.safetensors records of itself: step, epoch, metric, value (strings), weights."""
+    path = Path(run_dir) / BEST_WEIGHTS_FILE
+    try:
+        return safetensors_metadata(path.read_bytes(), path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{run_dir}: no {BEST_WEIGHTS_FILE} (the run has no held-out evaluation yet)") from None
 
 
 # ---------------------------------------------------------------- trainer state

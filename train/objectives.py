@@ -37,6 +37,9 @@ class Objective:
     """
 
     batches_per_step: int = 1  # training batches one step consumes (the GAN's k discriminator batches)
+    # The held-out metric (lower is better) by which a run keeps its best weights and stops early; a
+    # metric missing from an evaluation keeps nothing.
+    selection_metric: str = "nats_per_image"
     supports_ddp: bool = True  # the default step runs under DistributedDataParallel; a custom one may not
 
     def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer | None:
@@ -138,6 +141,8 @@ class LatentObjective(Objective):
         self.kl_warmup_steps = kl_warmup_steps
         self.iw_samples = iw_samples
         self.step = 0
+        # The tightest bound the evaluation computes: the importance-weighted NLL where it has samples.
+        self.selection_metric = ("iwae_nll" if iw_samples else "neg_elbo") if self.is_vae else "l2_per_image"
 
     def set_step(self, step: int) -> None:
         self.step = step
@@ -249,6 +254,7 @@ class GANObjective(Objective):
         self.flat_steps = 0
 
     supports_ddp = False
+    selection_metric = "fd"  # the Fréchet distance of fixed-seed samples to the held-out images
 
     def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer | None:
         return None  # the two players' Adam optimizers are this objective's own

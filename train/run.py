@@ -98,8 +98,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-RUN_ENTRIES = frozenset({ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, ckpt.EMA_WEIGHTS_FILE, ckpt.STATE_FILE,
-                         ckpt.METRICS_FILE, "samples", "tb", LOCK_FILE})
+RUN_ENTRIES = frozenset({ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, ckpt.EMA_WEIGHTS_FILE, ckpt.BEST_WEIGHTS_FILE,
+                         ckpt.STATE_FILE, ckpt.METRICS_FILE, "samples", "tb", LOCK_FILE})
 
 
 def foreign_entries(out: Path) -> list[str]:
@@ -136,7 +136,7 @@ def needs_replacing(out: Path, *, overwrite: bool) -> bool:
 
 # gen-train options a resumed run may change: how long it trains and what it records, not what it learns
 # from or how. Any other option given with --resume must agree with the run's config.json.
-RESUME_MUTABLE = ("epochs", "steps", "eval_limit", "log_every", "checkpoint_every", "n_samples")
+RESUME_MUTABLE = ("epochs", "steps", "eval_limit", "log_every", "checkpoint_every", "n_samples", "patience")
 _DATA_OPTIONS = {"data": "name", "data_path": "path", "split": "split", "eval_split": "eval_split",
                  "levels": "levels", "image_size": "image_size", "channels": "channels",
                  "conditional": "conditional"}

@@ -75,14 +75,15 @@ class TrainConfig:
     log_every: int = 10
     dynamic_binarize: bool = False
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); used to evaluate
+    patience: int = 0  # stop after this many held-out evaluations without a new best (0: never stop early)
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
-        if self.batch_size < 1 or self.epochs < 1 or self.steps < 0 or self.lr <= 0:
-            raise ValueError("need batch_size >= 1, epochs >= 1, steps >= 0 and lr > 0")
+        if self.batch_size < 1 or self.epochs < 1 or self.steps < 0 or self.lr <= 0 or self.patience < 0:
+            raise ValueError("need batch_size >= 1, epochs >= 1, steps >= 0, lr > 0 and patience >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,6 +202,8 @@ class Trainer:
         self.tb = _tensorboard(self.run_dir / "tb") if self.dist.is_main else None
         # Called once, after the first checkpoint is written (gen-train --overwrite publishes the new run then).
         self.on_first_checkpoint: Any = None
+        # The best held-out evaluation so far: step, epoch, metric, value (model_best.safetensors holds its weights).
+        self.best: dict[str, Any] = {}
         self.ema: dict[str, torch.Tensor] | None = None
         if config.ema:
             self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -267,6 +270,7 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "ema": self.ema or {},
+                "best": dict(self.best),
             },
         )
         if self.on_first_checkpoint is not None:
@@ -301,6 +305,7 @@ class Trainer:
             self.step = int(state["step"])
             if self.ema is not None:
                 self.ema = {k: v.to(self.device) for k, v in state["ema"].items()} or self.ema
+            self.best = dict(state.get("best") or {})  # states written before best weights were kept have none
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"{self.state_path}: trainer state does not match this run ({e})") from None
         if self.dist.is_main:
@@ -391,7 +396,7 @@ class Trainer:
         last_eval: dict[str, float] = {}
         t0 = time.monotonic()
         with Progress(self.total_steps, "train", enabled=self.show_progress, initial=self.step) as bar:
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not self.stopped_early():
                 step = self.step
                 lr = self.lr_at(step)
                 try:
@@ -411,7 +416,21 @@ class Trainer:
                     last_eval = self.end_epoch(self.metrics_path)
                 if epoch_end or (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0):
                     self.save_checkpoint()
+                if epoch_end and self.stopped_early() and self.dist.is_main:
+                    ckpt.append_jsonl(self.metrics_path, {"step": self.step, "early_stop": True,
+                                                          "best_step": self.best["step"]})
+                    if self.show_progress:
+                        print(f"early stop at step {self.step}: no better {self.best['metric']} for "
+                              f"{self.cfg.patience} evaluations (best {self.best['value']:.4f} at step "
+                              f"{self.best['step']})", flush=True)
         return last_eval
+
+    def stopped_early(self) -> bool:
+        """``patience`` evaluations (epochs) have passed since the best one. Derived from the step and the best
+        step alone, so a resumed run that had stopped stops again at once."""
+        if not self.cfg.patience or not self.best:
+            return False
+        return (self.step - int(self.best["step"])) >= self.cfg.patience * self.steps_per_epoch
 
     def optimization_step(self, step: int, lr: float) -> tuple[torch.Tensor, dict[str, float]]:
         """The default train step (Objective.train_step): the objective's loss on this step's batch,
@@ -440,6 +459,21 @@ class Trainer:
             batch_metrics = {k: v for k, v in batch_metrics.items() if k != "nats_per_image"}
         return loss, batch_metrics
 
+    def keep_if_best(self, scores: dict[str, float], epoch: int) -> bool:
+        """Write the weights just evaluated to model_best.safetensors when they beat every earlier evaluation
+        on the objective's selection metric (lower is better). Called inside ``ema_weights``."""
+        metric = self.objective.selection_metric
+        value = scores.get(metric)
+        if value is None or not math.isfinite(value):
+            return False
+        if self.best and value >= float(self.best["value"]):
+            return False
+        self.best = {"step": self.step, "epoch": epoch, "metric": metric, "value": float(value)}
+        weights = "ema" if self.ema is not None else "last"
+        ckpt.save_weights(self.run_dir / ckpt.BEST_WEIGHTS_FILE, self.model,
+                          {k: str(v) for k, v in {**self.best, "weights": weights}.items()})
+        return True
+
     def end_epoch(self, metrics_path: Path) -> dict[str, float]:
         epoch = math.ceil(self.step / self.steps_per_epoch)
         out: dict[str, float] = {}
@@ -448,7 +482,9 @@ class Trainer:
         with self.ema_weights():
             if self.valid_data is not None:
                 out = self.evaluate(self.valid_data, self.cfg.eval_limit)
-                ckpt.append_jsonl(metrics_path, {"step": self.step, "epoch": epoch, "split": "valid", **out})
+                best = self.keep_if_best(out, epoch)
+                ckpt.append_jsonl(metrics_path, {"step": self.step, "epoch": epoch, "split": "valid", **out,
+                                                 **({"best": True} if best else {})})
                 self.log_scalars("valid", out)
             grid = self.write_samples(epoch)
         if self.show_progress:
