@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,25 @@ def _os_error(e: OSError) -> str:
     return f"{where}{e.strerror or type(e).__name__}" + (" (is the disk full?)" if e.errno == 28 else "")
 
 
+def recipes_dir() -> Path:
+    """genforge.train's recipes/ folder, found without importing genforge.train (which imports torch)."""
+    spec = importlib.util.find_spec("genforge.train")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) / "recipes" if locations else Path("recipes")
+
+
+RECIPE_NAMES = tuple(sorted(p.stem for p in recipes_dir().glob("*.json")))
+# Keys of a recipe that document it; gen-train's options are the others.
+RECIPE_ONLY_KEYS = ("recipe", "description")
+
+
+def load_recipe(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--recipe NAME``: the package's recipes/NAME.json, read as --config reads a file."""
+    if value is not None:
+        load_config_file(ctx, param, str(recipes_dir() / f"{value}.json"))
+    return value
+
+
 def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """``--config FILE.json``: its keys become the defaults of the command's options (flags still win)."""
     if value is None:
@@ -75,11 +95,14 @@ def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | N
     if not isinstance(obj, dict):
         raise click.BadParameter(f"{path}: expected a JSON object of option names to values")
     known = {p.name for p in ctx.command.params if p.name}
-    mapped = {k.replace("-", "_"): v for k, v in obj.items()}
+    mapped = {k.replace("-", "_"): v for k, v in obj.items() if k not in RECIPE_ONLY_KEYS}
     unknown = sorted(set(mapped) - known - {"model_config"})
     if unknown:
         raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}")
     if isinstance(mapped.get("model_config"), dict):
         mapped["overrides"] = [f"{k}={json.dumps(v)}" for k, v in mapped.pop("model_config").items()]
+        # --set on the command line replaces the default list; the command merges these back under it, so a
+        # flag changes one field and keeps the file's others.
+        ctx.meta["config_overrides"] = [*ctx.meta.get("config_overrides", []), *mapped["overrides"]]
     ctx.default_map = {**(ctx.default_map or {}), **mapped}
     return value

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import click
 
-from .common import BACKEND_CHOICES, DATASET_CHOICES, MODEL_CHOICES, load_config_file, one_line_errors
+from .common import (
+    BACKEND_CHOICES,
+    DATASET_CHOICES,
+    MODEL_CHOICES,
+    RECIPE_NAMES,
+    load_config_file,
+    load_recipe,
+    one_line_errors,
+)
 from .sample import sample_command
 
 
@@ -18,6 +26,9 @@ from .sample import sample_command
 @click.option("--config", type=click.Path(dir_okay=False), callback=load_config_file, is_eager=True,
               expose_value=False, help="JSON file of option values (keys as option names; 'model_config' for "
               "model fields). Flags given on the command line win.")
+@click.option("--recipe", type=click.Choice(RECIPE_NAMES), callback=load_recipe, is_eager=True, expose_value=False,
+              help="A named recipe: the options that trained the zoo's model of that name (genforge/train/recipes/"
+              "NAME.json, a --config file to read and copy). Add --data-path; flags given win.")
 @click.option("--model", type=click.Choice(MODEL_CHOICES), default="pixelcnn", show_default=True,
               help="Model family to train.")
 @click.option("--data", type=click.Choice(DATASET_CHOICES), default="digits", show_default=True,
@@ -115,8 +126,10 @@ def train_command(**o: object) -> None:
         levels=o["levels"], image_size=int(o["image_size"]), channels=int(o["channels"]),  # type: ignore[arg-type]
         conditional=bool(o["conditional"]),
     )
+    overrides = {**parse_overrides(ctx.meta.get("config_overrides", [])),
+                 **parse_overrides(list(o["overrides"]))}  # type: ignore[call-overload]
     result = train_run(
-        model=str(o["model"]), data=data, model_overrides=parse_overrides(list(o["overrides"])),  # type: ignore[arg-type]
+        model=str(o["model"]), data=data, model_overrides=overrides,
         train=tcfg, out=o["out"], device=str(o["device"]), resume=bool(o["resume"]), explicit=explicit,  # type: ignore[arg-type]
         overwrite=bool(o["overwrite"]), progress=not o["quiet"], threads=int(o["threads"]),  # type: ignore[call-overload]
         objective=objective,
