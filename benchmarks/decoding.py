@@ -14,7 +14,7 @@ exported with ONNX and TorchScript graphs. For each model, backend and batch siz
   (the slowest image of the batch sets it) and forward-pass equivalents per image (rows computed / height);
 - parallel (forward graph): the whole forward graph iterated to its fixed point (decoding.parallel_decode),
   what families without a window graph run, up to ``--forward-parallel-max-batch``;
-- window rows: windowed parallel decoding with 1-8 rows per window, at batch 1 and 16 (``WINDOW_ROWS``);
+- window rows: windowed parallel decoding with 1-8 rows per window, at batch 1 and 16 (``WINDOW_DEPTH``);
 - naive: every step is the same full forward pass, so it is timed over the first ``--naive-rows`` rows and
   extrapolated linearly to the whole image (said as such in the table).
 
@@ -28,7 +28,9 @@ Cached, graph, parallel, auto and forward-graph parallel are timed interleaved (
 run each in turn, medians over ``--repeats`` rounds, at least 9 up to batch 16, after a warm-up round; a
 decoder whose warm-up took over 5 s is timed by that run alone); naive runs the forward graph that earlier
 rows already warmed, timed once where a run takes over 5 s.
-Writes JSON and a Markdown table, with the decoder ``decoder="auto"`` settled on at each batch.
+Writes JSON and a Markdown table, with the decoder ``decoder="auto"`` settled on at each batch. The JSON keys
+keep the names of the committed runs: ``parallel_iterations``, ``parallel_forward_iterations`` and the sweep's
+``iterations`` are passes (``last_stats["passes"]``), and the sweep's ``rows`` is the window depth.
 
     python benchmarks/decoding.py --out benchmarks/results/decoding-cpu
 """
@@ -52,7 +54,7 @@ from genforge.export import export_run
 from genforge.models import build_model
 from genforge.runtime import load
 from genforge.runtime.decoding import (
-    WINDOW_ROWS,
+    WINDOW_DEPTH,
     cached_decode,
     naive_decode,
     parallel_decode,
@@ -107,11 +109,11 @@ def timed_adaptive(fn: Any, repeats: int) -> float:
     return timed(fn, repeats)
 
 
-def windowed(sampler: Any, u: np.ndarray, rows: int = WINDOW_ROWS, stats: dict | None = None) -> np.ndarray:
+def windowed(sampler: Any, u: np.ndarray, rows: int = WINDOW_DEPTH, stats: dict | None = None) -> np.ndarray:
     """Windowed parallel decoding as the sampler runs it, starting caches included."""
     fmt = sampler.backend.graph_format
     start = WindowParallel.start_caches(sampler, fmt, len(u), None)
-    return window_decode(WindowParallel.window_fn(sampler, fmt), start, u, levels=sampler.levels, rows=rows,
+    return window_decode(WindowParallel.window_fn(sampler, fmt), start, u, levels=sampler.levels, depth=rows,
                          stats=stats)
 
 
@@ -143,7 +145,7 @@ def bench(bundle: Path, backend: str, batch: int, naive_rows: int, repeats: int,
     h, w, c = sampler.image_shape
     u = uniforms(0, 0, batch, (h, w, c))
     stats: dict[str, Any] = {}
-    fstats: dict[str, Any] = {"iterations": None, "forward_passes_per_image": None}
+    fstats: dict[str, Any] = {"passes": None, "forward_passes_per_image": None}
     # What decoder="cached" runs: on ONNX a large batch split between threads (sampler.cached_threads).
     steppers = [sampler.backend.stepper() for _ in range(cached_threads(batch, backend, "cpu"))]
     contenders = {"cached": lambda: split_cached_decode(steppers, u, levels=sampler.levels),
@@ -173,20 +175,20 @@ def bench(bundle: Path, backend: str, batch: int, naive_rows: int, repeats: int,
             sampler.forward(x, None)
 
     naive_part_s = timed_adaptive(naive_part, 1)
-    rule = auto_decoder(sampler.decoders, batch, backend, "cpu", windowed=True)
+    rule = auto_decoder(sampler.offered_decoders, batch, backend, "cpu", windowed=True)
     naive_s = naive_part_s * (h * w * c) / steps
     row = {
         "model": model, "backend": backend, "batch": batch, "cached_s": cached_s,
         "naive_s_extrapolated": naive_s, "naive_rows_timed": naive_rows, "speedup": naive_s / cached_s,
         "cached_images_per_s": batch / cached_s, "naive_images_per_s": batch / naive_s,
         "parallel_s": parallel_s, "parallel_images_per_s": parallel_s and batch / parallel_s,
-        "parallel_iterations": stats["iterations"], "parallel_forward_passes_per_image":
+        "parallel_iterations": stats["passes"], "parallel_forward_passes_per_image":
             stats["forward_passes_per_image"], "parallel_vs_cached": cached_s / parallel_s,
-        "parallel_window_rows": WINDOW_ROWS,
-        "parallel_forward_s": forward_s, "parallel_forward_iterations": fstats["iterations"],
+        "parallel_window_rows": WINDOW_DEPTH,
+        "parallel_forward_s": forward_s, "parallel_forward_iterations": fstats["passes"],
         "parallel_forward_vs_cached": forward_s and cached_s / forward_s,
         "auto_rule": rule, "auto_s": secs["auto"], "auto_tuned": tuned(batch, backend, "cpu", windowed=True,
-                                                                  candidates=set(sampler.decoders)),
+                                                                  candidates=set(sampler.offered_decoders)),
         # What auto settled on: the faster of its timings, or the rule's pick where it does not time.
         "auto": sampler.tuner.faster((batch, 0, False)) or rule,
         "auto_vs_best_of_parallel_and_cached": secs["auto"] / min(parallel_s, cached_s),
@@ -200,14 +202,14 @@ def bench(bundle: Path, backend: str, batch: int, naive_rows: int, repeats: int,
 
 
 def window_sweep(bundle: Path, batch: int, repeats: int) -> list[dict[str, Any]]:
-    """Windowed parallel decoding on ONNX with 1 to 8 rows per window: the data behind ``WINDOW_ROWS``."""
+    """Windowed parallel decoding on ONNX with 1 to 8 rows per window: the data behind ``WINDOW_DEPTH``."""
     sampler = load(bundle, backend="onnx", device="cpu")
     u = uniforms(0, 0, batch, sampler.image_shape)
     depths = (1, 2, 3, 4, 6, 8)
     stats: dict[int, dict[str, Any]] = {rows: {} for rows in depths}
     secs = timed_interleaved({str(rows): (lambda rows=rows: windowed(sampler, u, rows, stats[rows]))
                               for rows in depths}, max(repeats, 9))
-    return [{"batch": batch, "rows": rows, "seconds": secs[str(rows)], "iterations": stats[rows]["iterations"],
+    return [{"batch": batch, "rows": rows, "seconds": secs[str(rows)], "iterations": stats[rows]["passes"],
              "forward_passes_per_image": stats[rows]["forward_passes_per_image"]} for rows in depths]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from genforge.runtime.strategies import DECODERS
+from genforge.runtime.strategies import DECODER_NAMES
 
 from .common import BACKEND_CHOICES, one_line_errors
 
@@ -22,7 +22,7 @@ from .common import BACKEND_CHOICES, one_line_errors
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="auto: triton on CUDA when it imports, else onnx (torch-free), else torchscript.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--decoder", type=click.Choice(["auto", *DECODERS]), default="auto",
+@click.option("--decoder", type=click.Choice(["auto", *DECODER_NAMES]), default="auto",
               show_default=True,
               help="cached: the incremental form, about one forward pass per image; naive: one full forward pass "
               "per sub-pixel; graph: the bundle's sample.onnx (onnx backend); parallel: the forward pass iterated "
@@ -101,11 +101,11 @@ def sample_command(bundle: str, n: int, batch_size: int, seed: int, backend: str
     if isinstance(sampler, AutoregressiveSampler) and sampler.last_stats:
         st = sampler.last_stats
         how = f", {st['decoder']} decoding"
-        if st["iterations"]:
+        if st["passes"]:
             h, w, c = sampler.image_shape
             through = "window" if st.get("method") == "window" else "forward"
             per_image = st["forward_passes"] / max(st["parallel_images"], 1)
-            how += (f" through the {through} graph: {max(st['iterations'])} passes at most per batch of "
+            how += (f" through the {through} graph: {max(st['passes'])} passes at most per batch of "
                     f"{h * w * c} sub-pixels, {per_image:.1f} forward-pass equivalents per image decoded in parallel")
     click.echo(f"wrote {len(images)} images ({sampler.backend.name}, {sampler.backend.device}{how}) to {out}")
 

@@ -26,10 +26,10 @@ ForwardFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 # window graph (docs/bundle.md, "Windowed parallel decoding").
 WindowFn = Callable[[np.ndarray, int, list, "np.ndarray | None"], tuple[np.ndarray, list]]
 
-# Rows per window, from the first unfinished one's row down: too few and a pass finalises little (more passes),
-# too many and each pass computes rows that later passes redo. The fastest depth at batch 16 in
+# A window's depth in rows, from the first unfinished one's row down: too few and a pass finalises little (more
+# passes), too many and each pass computes rows that later passes redo. The fastest depth at batch 16 in
 # benchmarks/decoding.py's sweep (JSON: window_rows_sweep_onnx_trained; tests/test_policy.py checks it).
-WINDOW_ROWS = 3
+WINDOW_DEPTH = 3
 
 
 def inverse_cdf(log_probs: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -53,7 +53,7 @@ def naive_decode(
     levels: int,
     prefix: np.ndarray | None = None,
     start_row: int = 0,
-    progress: Progress | None = None,
+    bar: Progress | None = None,
 ) -> np.ndarray:
     """Generate images by one full forward pass per sub-pixel (O(N^2) work for N sub-pixels).
 
@@ -67,8 +67,8 @@ def naive_decode(
             for k in range(c):
                 log_probs = forward(x, labels)  # (B, C, H, W, K)
                 x[:, k, i, j] = inverse_cdf(log_probs[:, k, i, j], u[:, i, j, k])
-        if progress is not None:
-            progress.update(b)  # images x rows
+        if bar is not None:
+            bar.update(b)  # images x rows
     return _finish(x, levels)
 
 
@@ -94,7 +94,7 @@ def cached_decode(
     levels: int,
     prefix: np.ndarray | None = None,
     start_row: int = 0,
-    progress: Progress | None = None,
+    bar: Progress | None = None,
 ) -> np.ndarray:
     """Generate images with the cached form: about one forward pass of work per image (O(N)).
 
@@ -113,8 +113,8 @@ def cached_decode(
             for k in range(c):
                 log_probs = stepper.step(np.ascontiguousarray(x[:, :, i]), j)  # (B, C, K)
                 x[:, k, i, j] = inverse_cdf(log_probs[:, k], u[:, i, j, k])
-        if progress is not None:
-            progress.update(b)
+        if bar is not None:
+            bar.update(b)
     return _finish(x, levels)
 
 
@@ -126,19 +126,19 @@ def split_cached_decode(
     levels: int,
     prefix: np.ndarray | None = None,
     start_row: int = 0,
-    progress: Progress | None = None,
+    bar: Progress | None = None,
 ) -> np.ndarray:
     """``cached_decode`` with the batch split into ``len(steppers)`` slices decoded at once, one thread and one
     stepper (its own caches) each: images are independent, and onnxruntime releases the GIL while a graph
     runs, so single-threaded step graphs use one core per slice."""
     if len(steppers) == 1:
         return cached_decode(steppers[0], u, labels=labels, levels=levels, prefix=prefix, start_row=start_row,
-                             progress=progress)
+                             bar=bar)
     bounds = np.linspace(0, len(u), len(steppers) + 1).astype(int)
     slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     with ThreadPoolExecutor(len(steppers)) as pool:
         done = [pool.submit(cached_decode, st, u[sl], labels=None if labels is None else labels[sl], levels=levels,
-                            prefix=None if prefix is None else prefix[sl], start_row=start_row, progress=progress)
+                            prefix=None if prefix is None else prefix[sl], start_row=start_row, bar=bar)
                 for st, sl in zip(steppers, slices, strict=True)]
         return np.concatenate([f.result() for f in done])
 
@@ -151,7 +151,7 @@ def parallel_decode(
     levels: int,
     prefix: np.ndarray | None = None,
     start_row: int = 0,
-    progress: Progress | None = None,
+    bar: Progress | None = None,
     stats: dict | None = None,
 ) -> np.ndarray:
     """Generate images by fixed-point iteration of the full forward pass (Song et al. 2021, "Accelerating
@@ -163,29 +163,29 @@ def parallel_decode(
     the iteration reaches naive decoding's images exactly, in at most one iteration per sub-pixel, and in
     practice in far fewer (a trained model predicts most sub-pixels from the ones before them whatever is
     after). An image leaves the batch once an iteration changes nothing. Same arguments and result as
-    ``naive_decode``; ``stats`` (if given) receives ``iterations`` (forward calls) and
-    ``forward_passes_per_image`` (image-forward passes spent per image).
+    ``naive_decode``; ``stats`` (if given) receives ``passes`` (forward calls, each over the batch's unfinished
+    images) and ``forward_passes_per_image`` (image-forward passes spent per image).
     """
     b, h, w, c = u.shape
     x = _start_image(u, prefix, start_row)
     u_chw = u.transpose(0, 3, 1, 2)[:, :, start_row:]  # (B, C, H', W) to match log_probs
     active = np.arange(b)
-    iterations = passes = 0
+    passes = image_passes = 0
     limit = (h - start_row) * w * c + 1  # the triangular structure's bound; more means the model is not causal
     while active.size:
-        if iterations == limit:
+        if passes == limit:
             raise RuntimeError("parallel decoding did not converge: the forward graph is not causal")
         lp = forward(x[active], None if labels is None else labels[active])  # (B', C, H, W, K)
-        iterations += 1
-        passes += active.size
+        passes += 1
+        image_passes += active.size
         new = inverse_cdf(lp[:, :, start_row:], u_chw[active]).astype(np.float32)  # (B', C, H', W)
         changed = _raster(new != x[active, :, start_row:]).any(axis=1)
         x[active[changed], :, start_row:] = new[changed]
-        if progress is not None and (~changed).any():
-            progress.update(int((~changed).sum()) * h)
+        if bar is not None and (~changed).any():
+            bar.update(int((~changed).sum()) * h)
         active = active[changed]
     if stats is not None:
-        stats.update(iterations=iterations, forward_passes_per_image=passes / max(b, 1))
+        stats.update(passes=passes, forward_passes_per_image=image_passes / max(b, 1))
     return _finish(x, levels)
 
 
@@ -198,13 +198,13 @@ def window_decode(
     levels: int,
     prefix: np.ndarray | None = None,
     start_row: int = 0,
-    rows: int = WINDOW_ROWS,
+    depth: int = WINDOW_DEPTH,
     grow: bool = True,
-    progress: Progress | None = None,
+    bar: Progress | None = None,
     stats: dict | None = None,
 ) -> np.ndarray:
     """Parallel decoding over a window of rows: the fixed-point iteration of ``parallel_decode``, each pass
-    computing only the rows from the first sub-pixel not yet final down ``rows`` rows, the rows above coming
+    computing only the rows from the first sub-pixel not yet final down ``depth`` rows, the rows above coming
     from the caches (``caches``: the cached form's, as its ``row`` graph leaves them at row 0).
 
     Each image keeps its frontier f, the number of sub-pixels (raster order) known final. A pass redraws the
@@ -213,12 +213,12 @@ def window_decode(
     as in the full iteration, but a pass costs a few rows instead of the image. The caches move down to the
     first unfinished row of the batch as rows become final, so they only ever hold final rows. Sub-pixels
     before a frontier are never written again. With ``grow``, a pass that finds its whole window final doubles
-    the next window's depth (back to ``rows`` after any change): fewer passes over predictable rows. Same
-    arguments and result as ``naive_decode``; ``stats`` receives ``iterations`` and
+    the next window's depth (back to ``depth`` after any change): fewer passes over predictable rows. Same
+    arguments and result as ``naive_decode``; ``stats`` receives ``passes`` and
     ``forward_passes_per_image`` (rows computed / image height, per image).
     """
-    if rows < 1:
-        raise ValueError(f"rows must be >= 1, got {rows}")
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
     b, h, w, c = u.shape
     x = _start_image(u, prefix, start_row)
     u_chw = u.transpose(0, 3, 1, 2)  # (B, C, H, W) to match log_probs
@@ -226,16 +226,16 @@ def window_decode(
     final = np.full(b, start_row * per_row)  # per image: sub-pixels known final, in raster order
     active = np.arange(b if start_row < h else 0)
     top = 0  # the row the caches stand at
-    iterations = 0
+    passes = 0
     rows_run = 0.0
-    depth = rows
+    window_depth = depth
     while active.size:
         first = int(final[active].min()) // per_row  # the first row with an unfinished sub-pixel
-        end = min(h, first + depth)
+        end = min(h, first + window_depth)
         advance = first - top  # rows above ``first`` are final: the caches may move down to it
         lp, caches = window(np.ascontiguousarray(x[active, :, top:end]), advance,
                             caches, None if labels is None else labels[active])
-        iterations += 1
+        passes += 1
         rows_run += (end - top) * active.size
         top = first
         span = (end - first) * per_row
@@ -252,15 +252,15 @@ def window_decode(
                                  np.maximum(final[active], end * per_row))
         # A window that came out final everywhere says the model predicts these rows from the ones above
         # (blank margins, a model that barely reads its input): look twice as far ahead next pass.
-        depth = min(h, depth * 2) if grow and not hit.any() else rows
+        window_depth = min(h, window_depth * 2) if grow and not hit.any() else depth
         done = final[active] >= h * per_row
         if done.any():
-            if progress is not None:
-                progress.update(int(done.sum()) * h)
+            if bar is not None:
+                bar.update(int(done.sum()) * h)
             active = active[~done]
             caches = [cache[~done] for cache in caches]
     if stats is not None:
-        stats.update(iterations=iterations, forward_passes_per_image=rows_run / h / max(b, 1))
+        stats.update(passes=passes, forward_passes_per_image=rows_run / h / max(b, 1))
     return _finish(x, levels)
 
 

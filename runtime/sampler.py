@@ -25,7 +25,7 @@ from .policy import (  # noqa: F401 (the auto policy, importable from here as be
 )
 from .progress import Progress, chunks
 from .randomness import normals, uniforms
-from .strategies import DECODERS, DecodeRequest, Strategy, WindowParallel, offered, strategy
+from .strategies import DECODER_NAMES, DecodeRequest, Strategy, WindowParallel, offered, strategy
 
 
 def available_memory() -> int | None:
@@ -171,6 +171,12 @@ class AutoregressiveSampler(Sampler):
     graph and batches of 9-``TUNE_MAX_BATCH`` images, where which is faster depends on the model, it times
     windowed parallel against cached decoding on the first two batches of a size and runs the faster after
     (``tuner``, a ``DecoderTuner``; ``last_stats["batch_decoders"]`` says what each batch ran).
+
+    Names: ``start`` is always an image index (image i of a call is image ``start + i`` of the seed's
+    sequence); ``rows`` (``complete``) are the rows kept from each image, which the decoding loops and the
+    bundle's ``sample`` graph call ``start_row``, the first row they draw; a window's height is its ``depth``
+    (``decoding.window_decode``); ``passes`` counts forward calls of parallel decoding; ``progress`` turns the
+    progress bar on, ``bar`` is the bar itself.
     """
 
     def __init__(self, bundle: Bundle, backend: Backend) -> None:
@@ -179,15 +185,16 @@ class AutoregressiveSampler(Sampler):
         self.last_stats: dict = {}  # replaced per call: what the last sample()/complete() did
 
     @property
-    def decoders(self) -> list[str]:
-        """The decoder names this bundle offers (strategies.offered): the manifest's, and parallel wherever
-        naive works (it needs the forward graph alone)."""
+    def offered_decoders(self) -> list[str]:
+        """The decoder names this bundle offers (strategies.offered), a subset of ``DECODER_NAMES`` (every name
+        the runtime knows): the manifest's ``decoders`` list (what the exporter wrote: naive, cached, graph),
+        and parallel wherever naive works (it needs the forward graph alone, so the manifest never lists it)."""
         return offered(self.bundle)
 
     def _strategy(self, decoder: str) -> Strategy:
         """The strategy that runs ``decoder`` (a public name) on this backend, or an InputError saying why none."""
-        if decoder not in DECODERS:
-            raise InputError(f"unknown decoder {decoder!r}; choose one of auto, {', '.join(DECODERS)}")
+        if decoder not in DECODER_NAMES:
+            raise InputError(f"unknown decoder {decoder!r}; choose one of auto, {', '.join(DECODER_NAMES)}")
         found = strategy(decoder, self.bundle, self.backend)
         if isinstance(found, str):
             raise InputError(found)
@@ -200,7 +207,7 @@ class AutoregressiveSampler(Sampler):
     def _resolve_decoder(self, decoder: str, batch: int = 1) -> str:
         """The decoder name a request runs: ``decoder``, checked, or for "auto" the rule's pick for ``batch``."""
         if decoder == "auto":
-            return auto_decoder(self.decoders, batch, self.backend.name, self.backend.device,
+            return auto_decoder(self.offered_decoders, batch, self.backend.name, self.backend.device,
                                 windowed=self._windowed())
         self._strategy(decoder)
         return decoder
@@ -212,8 +219,8 @@ class AutoregressiveSampler(Sampler):
         for key, value in stats.items():
             if key == "method":
                 st["method"] = value
-            elif key == "iterations":
-                st.setdefault("iterations", []).append(value)
+            elif key == "passes":
+                st.setdefault("passes", []).append(value)
             else:
                 st[key] = st.get(key, 0) + value
         return out
@@ -222,7 +229,7 @@ class AutoregressiveSampler(Sampler):
         """One batch with decoder="auto": the rule's decoder, or where it is unsure the tuner's, timed."""
         first = self._resolve_decoder("auto", len(request))
         if not tuned(len(request), self.backend.name, self.backend.device, windowed=self._windowed(),
-                     candidates=set(self.decoders)):
+                     candidates=set(self.offered_decoders)):
             return self._decode(request, first, bar), first
         key = (len(request), request.start_row, request.labels is not None)
         decoder = self.tuner.choose(key, first, "parallel" if first == "cached" else "cached")
@@ -278,7 +285,7 @@ class AutoregressiveSampler(Sampler):
         batch_size = self.work_batch(batch_size)
         auto = decoder == "auto"
         decoder = self._resolve_decoder(decoder, min(n, batch_size))
-        self.last_stats = {"decoder": decoder, "iterations": [], "forward_passes": 0.0, "parallel_images": 0,
+        self.last_stats = {"decoder": decoder, "passes": [], "forward_passes": 0.0, "parallel_images": 0,
                            "batch_decoders": []}
         h, w, c = self.image_shape
         lab = self.resolve_labels(n, labels, start)

@@ -72,7 +72,7 @@ class Strategy:
     def available(self, bundle: Bundle, backend: Backend) -> bool:
         return self.offered(bundle) and self.unusable(bundle, backend) is None
 
-    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, progress: Progress
+    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, bar: Progress
                ) -> tuple[np.ndarray, dict[str, Any]]:
         raise NotImplementedError
 
@@ -85,7 +85,7 @@ class FusedTriton(Strategy):
     def unusable(self, bundle: Bundle, backend: Backend) -> str | None:
         return None if backend.fused else f"the {backend.name} backend has no fused decoder for this model"
 
-    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, progress: Progress
+    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, bar: Progress
                ) -> tuple[np.ndarray, dict[str, Any]]:
         r = request
         return sampler.backend.decode_images(r.uniforms, r.labels, r.prefix, r.start_row), {}  # type: ignore[attr-defined]
@@ -97,11 +97,11 @@ class Cached(Strategy):
 
     name = "cached"
 
-    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, progress: Progress
+    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, bar: Progress
                ) -> tuple[np.ndarray, dict[str, Any]]:
         backend = sampler.backend
         steppers = [backend.stepper() for _ in range(cached_threads(len(request), backend.name, backend.device))]
-        return split_cached_decode(steppers, request.uniforms, **request.keywords, progress=progress), {}
+        return split_cached_decode(steppers, request.uniforms, **request.keywords, bar=bar), {}
 
 
 class Naive(Strategy):
@@ -109,9 +109,9 @@ class Naive(Strategy):
 
     name = "naive"
 
-    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, progress: Progress
+    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, bar: Progress
                ) -> tuple[np.ndarray, dict[str, Any]]:
-        return naive_decode(sampler.forward, request.uniforms, **request.keywords, progress=progress), {}
+        return naive_decode(sampler.forward, request.uniforms, **request.keywords, bar=bar), {}
 
 
 class Graph(Strategy):
@@ -124,7 +124,7 @@ class Graph(Strategy):
             return None
         return f"decoder 'graph' runs sample.onnx on the onnx backend, not {backend.name}"
 
-    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, progress: Progress
+    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, bar: Progress
                ) -> tuple[np.ndarray, dict[str, Any]]:
         r = request
         h, w, c = sampler.image_shape
@@ -134,12 +134,12 @@ class Graph(Strategy):
         if r.labels is not None:
             feed["labels"] = r.labels
         out = sampler.backend.run("sample", feed)[0]
-        progress.update(len(r) * h)
+        bar.update(len(r) * h)
         return out, {}
 
 
 def _parallel_stats(method: str, stats: dict[str, Any], batch: int) -> dict[str, Any]:
-    return {"method": method, "iterations": stats["iterations"],
+    return {"method": method, "passes": stats["passes"],
             "forward_passes": stats["forward_passes_per_image"] * batch, "parallel_images": batch}
 
 
@@ -155,14 +155,14 @@ class WindowParallel(Strategy):
         fmt = backend.graph_format
         return None if fmt and f"window.{fmt}" in bundle.manifest["graphs"] else "no window graph for this backend"
 
-    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, progress: Progress
+    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, bar: Progress
                ) -> tuple[np.ndarray, dict[str, Any]]:
         stats: dict[str, Any] = {}
         fmt = sampler.backend.graph_format
         assert fmt is not None
         start = self.start_caches(sampler, fmt, len(request), request.labels)
         out = window_decode(self.window_fn(sampler, fmt), start, request.uniforms, **request.keywords,
-                            progress=progress, stats=stats)
+                            bar=bar, stats=stats)
         return out, _parallel_stats("window", stats, len(request))
 
     @staticmethod
@@ -200,25 +200,25 @@ class ForwardParallel(Strategy):
     name = "parallel"
     offered = WindowParallel.offered
 
-    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, progress: Progress
+    def decode(self, sampler: AutoregressiveSampler, request: DecodeRequest, bar: Progress
                ) -> tuple[np.ndarray, dict[str, Any]]:
         stats: dict[str, Any] = {}
-        out = parallel_decode(sampler.forward, request.uniforms, **request.keywords, progress=progress, stats=stats)
+        out = parallel_decode(sampler.forward, request.uniforms, **request.keywords, bar=bar, stats=stats)
         return out, _parallel_stats("forward", stats, len(request))
 
 
 # In preference order within a name.
 STRATEGIES: tuple[Strategy, ...] = (FusedTriton(), Cached(), Naive(), Graph(), WindowParallel(), ForwardParallel())
-DECODERS: tuple[str, ...] = tuple(dict.fromkeys(s.name for s in STRATEGIES))  # the public names
+DECODER_NAMES: tuple[str, ...] = tuple(dict.fromkeys(s.name for s in STRATEGIES))  # the public names
 
 
 def offered(bundle: Bundle) -> list[str]:
     """The decoder names this bundle offers (some may not run on every backend: see ``strategy``)."""
-    return [name for name in DECODERS if any(s.offered(bundle) for s in STRATEGIES if s.name == name)]
+    return [name for name in DECODER_NAMES if any(s.offered(bundle) for s in STRATEGIES if s.name == name)]
 
 
 def strategy(name: str, bundle: Bundle, backend: Backend) -> Strategy | str:
-    """The strategy that runs decoder ``name`` here, or why none can (name must be one of DECODERS)."""
+    """The strategy that runs decoder ``name`` here, or why none can (name must be one of DECODER_NAMES)."""
     named = [s for s in STRATEGIES if s.name == name and s.offered(bundle)]
     for s in named:
         if s.unusable(bundle, backend) is None:

@@ -28,8 +28,8 @@ def test_parallel_decoding_draws_the_cached_images(family_bundles, name: str, ba
     got = s.sample(5, seed=fresh_seed, decoder="parallel", batch_size=3)
     np.testing.assert_array_equal(got, want)
     h, w, c = s.image_shape
-    assert s.last_stats["decoder"] == "parallel" and len(s.last_stats["iterations"]) == 2  # two batches
-    assert all(1 <= it <= h * w * c + 1 for it in s.last_stats["iterations"])
+    assert s.last_stats["decoder"] == "parallel" and len(s.last_stats["passes"]) == 2  # two batches
+    assert all(1 <= it <= h * w * c + 1 for it in s.last_stats["passes"])
     rows = h // 2
     np.testing.assert_array_equal(s.complete(want[::-1], rows, seed=fresh_seed + 1, decoder="parallel"),
                                   s.complete(want[::-1], rows, seed=fresh_seed + 1, decoder="cached"))
@@ -42,7 +42,7 @@ def test_parallel_equals_naive_on_the_same_forward(family_bundles, fresh_seed: i
     stats: dict = {}
     got = parallel_decode(s.forward, u, levels=s.levels, stats=stats)
     np.testing.assert_array_equal(got, naive_decode(s.forward, u, levels=s.levels))
-    assert stats["iterations"] >= 1 and 1 <= stats["forward_passes_per_image"] <= stats["iterations"]
+    assert stats["passes"] >= 1 and 1 <= stats["forward_passes_per_image"] <= stats["passes"]
 
 
 def _causal_forward(h: int, w: int, c: int, k: int, seed: int, strength: float):
@@ -75,7 +75,7 @@ def test_parallel_decoding_reaches_the_naive_fixed_point(h, w, c, k, batch, seed
     stats: dict = {}
     got = parallel_decode(forward, u, levels=k, prefix=prefix, start_row=start_row, stats=stats)
     np.testing.assert_array_equal(got, naive_decode(forward, u, levels=k, prefix=prefix, start_row=start_row))
-    assert stats["iterations"] <= (h - start_row) * w * c + 1
+    assert stats["passes"] <= (h - start_row) * w * c + 1
 
 
 def test_a_forward_that_is_not_causal_is_caught() -> None:

@@ -1,4 +1,4 @@
-"""decoder="auto"'s thresholds (runtime/policy.py) and WINDOW_ROWS (runtime/decoding.py) against the committed
+"""decoder="auto"'s thresholds (runtime/policy.py) and WINDOW_DEPTH (runtime/decoding.py) against the committed
 benchmark run, benchmarks/results/decoding-cpu.json (issue 26, item 3): the comments name the mechanism and the
 JSON key, the figures live in the file, and a threshold that the committed run contradicts fails here. After a
 new run of benchmarks/decoding.py, either the thresholds still hold or this says which to move."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from genforge.runtime.decoding import WINDOW_ROWS
+from genforge.runtime.decoding import WINDOW_DEPTH
 from genforge.runtime.policy import (
     CACHED_THREAD_MIN_IMAGES,
     PARALLEL_MAX_BATCH,
@@ -76,11 +76,11 @@ def test_forward_parallel_decoding_wins_on_onnx_up_to_its_threshold(run: dict) -
 
 
 def test_window_rows_is_the_fastest_depth_at_batch_16(run: dict) -> None:
-    """WINDOW_ROWS: the fastest window depth of the sweep at batch 16, where auto runs windowed decoding on its
+    """WINDOW_DEPTH: the fastest window depth of the sweep at batch 16, where auto runs windowed decoding on its
     tuned batches (batch 1 is in the sweep too; there the depths are closer and their order changes between
     runs)."""
     sweep = [r for r in run["window_rows_sweep_onnx_trained"] if r["batch"] == 16]
-    assert min(sweep, key=lambda r: r["seconds"])["rows"] == WINDOW_ROWS
+    assert min(sweep, key=lambda r: r["seconds"])["rows"] == WINDOW_DEPTH
 
 
 def test_cached_decoding_split_between_threads_where_it_paid(run: dict, monkeypatch: pytest.MonkeyPatch) -> None:

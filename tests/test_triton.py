@@ -348,7 +348,7 @@ def test_triton_backend_samples_like_torchscript(bundles, name: str, fresh_seed:
     np.testing.assert_array_equal(triton_s.sample(2, seed=4), ts.sample(2, seed=4))
     # Parallel decoding iterates the forward pass with the Triton masked convolution (no window path here).
     np.testing.assert_array_equal(triton_s.sample(2, seed=4, decoder="parallel"), ts.sample(2, seed=4))
-    assert triton_s.last_stats["method"] == "forward" and triton_s.last_stats["iterations"][0] >= 1
+    assert triton_s.last_stats["method"] == "forward" and triton_s.last_stats["passes"][0] >= 1
     images = np.random.default_rng(fresh_seed).integers(0, 4, (2, 8, 8, 1)).astype(np.uint8)
     np.testing.assert_allclose(triton_s.log_prob(images), ts.log_prob(images), rtol=1e-5)
     done = triton_s.complete(images, rows=5, seed=1)

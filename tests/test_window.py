@@ -103,11 +103,11 @@ def test_window_decoding_draws_the_cached_images(family, channels, likelihood, c
                               None if labels is None else torch.from_numpy(labels))
         stats: dict = {}
         got = window_decode(eager_window(inc), start, u, labels=labels, levels=c.levels, prefix=prefix,
-                            start_row=start_row, rows=rows, stats=stats)
+                            start_row=start_row, depth=rows, stats=stats)
         want = cached_decode(stepper, u, labels=labels, levels=c.levels, prefix=prefix, start_row=start_row)
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(got[:, :start_row], prefix[:, :start_row])
-        assert 1 <= stats["iterations"] <= (c.height - start_row) * c.width * channels
+        assert 1 <= stats["passes"] <= (c.height - start_row) * c.width * channels
 
 
 def causal_window(h: int, w: int, c: int, k: int, seed: int, strength: float):  # type: ignore[no-untyped-def]
@@ -150,9 +150,9 @@ def test_window_decoding_reaches_the_naive_fixed_point(h, w, c, k, batch, seed, 
     prefix = rng.integers(0, k, (batch, h, w, c)).astype(np.uint8)
     stats: dict = {}
     got = window_decode(window, [np.zeros((batch, c, 0, w))], u, levels=k, prefix=prefix, start_row=start_row,
-                        rows=rows, grow=grow, stats=stats)
+                        depth=rows, grow=grow, stats=stats)
     np.testing.assert_array_equal(got, naive_decode(forward, u, levels=k, prefix=prefix, start_row=start_row))
-    assert stats["iterations"] <= max(1, (h - start_row) * w * c)
+    assert stats["passes"] <= max(1, (h - start_row) * w * c)
 
 
 @pytest.mark.parametrize("name", ["pixelcnn", "gated-pixelcnn", "pixelcnn-rgb"])
@@ -165,8 +165,8 @@ def test_bundles_decode_in_parallel_through_their_window_graph(family_bundles, n
     np.testing.assert_array_equal(got, want)
     assert s.last_stats["method"] == "window"
     h = s.image_shape[0]
-    # A pass computes a window of rows, not the image: fewer image-forward equivalents than iterations.
-    assert s.last_stats["forward_passes"] / 4 < max(s.last_stats["iterations"])
+    # A pass computes a window of rows, not the image: fewer image-forward equivalents than passes.
+    assert s.last_stats["forward_passes"] / 4 < max(s.last_stats["passes"])
     np.testing.assert_array_equal(s.complete(want, h // 2, seed=fresh_seed + 1, decoder="parallel"),
                                   s.complete(want, h // 2, seed=fresh_seed + 1, decoder="cached"))
 

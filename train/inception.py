@@ -11,6 +11,15 @@ the final ``fc`` are not needed and are ignored. Images are scaled to [0, 1], gr
 resized bilinearly to 299x299 and mapped to [-1, 1] (what torchvision's ``transform_input`` produces).
 These figures are comparable to other Inception-v3-feature distances only when the same weights and the
 same resizing are used.
+
+Why not torchvision's ``inception_v3`` (or torchmetrics' FID, whose Inception comes from torch-fidelity,
+which requires torchvision): the torchvision release built for the torch this project installs (0.28.0 for
+torch 2.13.0, the CPU build) does not import beside it. Measured on 2026-12-07 in a fresh venv:
+``pip install torch==2.13.0 torchvision-0.28.0-cp311-...whl; python -c "import torchvision"`` ->
+``RuntimeError: operator torchvision::nms does not exist`` (PyPI's wheel is linked against the CUDA build). The
+only torchvision that imports here comes with a 5.5 GB CUDA torch, a price the optional Inception distance
+does not justify. So the network is written out below, with torchvision's module names and shapes, and a
+test loads a state dict of torchvision's layout into it.
 """
 
 from __future__ import annotations
