@@ -215,6 +215,18 @@ def eager_latent_functions(model: nn.Module) -> tuple[scores.Encode, scores.Deco
 GAN_LOSSES = ("non-saturating", "minimax")
 
 
+def dequantize(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Levels (int) -> continuous values in [0, levels - 1], uniform over the interval that rounds back to each
+    level (the GAN sampling rule rounds the generator's output): real images are discrete and fakes continuous,
+    and without noise D can tell them apart by that alone. The end levels' intervals are half as wide (0 and
+    levels - 1 round from [0, 0.5) and [levels - 1.5, levels - 1]), so their noise is folded back inside:
+    unfolded, binary images spread over [-0.5, 1.5], twice the generator's tanh range, and D told real from
+    fake by magnitude alone."""
+    v = x.float() + torch.rand(x.shape, device=x.device) - 0.5
+    top = float(levels - 1)
+    return torch.where(v < 0, -v, torch.where(v > top, 2 * top - v, v))
+
+
 def generator_loss(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """The generator's loss from D's logits on generated images.
 
@@ -280,9 +292,7 @@ class GANObjective(Objective):
                 group["lr"] = lr
         zsize = model.config.latent_size
         for x, y in batches:
-            # Dequantize: real images are discrete levels and fakes continuous; without noise D can tell them
-            # apart by that alone.
-            real = model.normalize(x.float() + torch.rand(x.shape, device=x.device) - 0.5)
+            real = model.normalize(dequantize(x, model.config.levels))
             fake = model.generate(torch.randn(len(x), zsize, device=x.device), y).detach()
             d_real, d_fake = model.discriminate(real, y), model.discriminate(fake, y)
             d_loss = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
