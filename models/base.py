@@ -102,6 +102,11 @@ def _check_field_type(owner: str, key: str, value: Any, want: Any) -> None:
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
+def check_dropout(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {p}")
+
+
 def check_likelihood(likelihood: str, levels: int) -> None:
     """The checks every config with a likelihood head shares."""
     if likelihood not in LIKELIHOODS:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError
+from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError, check_dropout
 from .incremental import CachedConv, IncrementalModel, dynamic_rows, pointwise, pointwise_row
 from .layers import MaskedConv2d, check_group_multiple, gate
 
@@ -33,6 +33,7 @@ class GatedPixelCNNConfig(AutoregressiveConfig):
     first_kernel: int = 7
     kernel: int = 3
     output_hidden: int = 64
+    dropout: float = 0.0  # on the gated horizontal features before each residual 1x1, in training only
 
     def validate(self) -> None:
         super().validate()
@@ -41,6 +42,7 @@ class GatedPixelCNNConfig(AutoregressiveConfig):
                 f"need hidden >= 1, layers >= 0, output_hidden >= 1; got {self.hidden}, {self.layers}, "
                 f"{self.output_hidden}"
             )
+        check_dropout(self.dropout)
         try:
             check_group_multiple(self.hidden, self.channels)
         except ValueError as e:
@@ -51,11 +53,13 @@ class GatedLayer(nn.Module):
     """One gated layer of [1], figure 2. ``first``: mask A, no residual on the horizontal stack."""
 
     def __init__(
-        self, in_features: int, hidden: int, kernel: int, groups: int, num_classes: int, *, first: bool
+        self, in_features: int, hidden: int, kernel: int, groups: int, num_classes: int, *, first: bool,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         mask = "A" if first else "B"
         self.first = first
+        self.dropout = dropout
         self.v_conv = MaskedConv2d(in_features, 2 * hidden, kernel, mask_type=mask, shape="vertical")
         self.h_conv = MaskedConv2d(
             in_features, 2 * hidden, (1, kernel), mask_type=mask, groups=groups, shape="horizontal"
@@ -75,7 +79,11 @@ class GatedLayer(nn.Module):
             v_pre, h_pre = v_pre + bias, h_pre + bias
         v_new = gate(v_pre)  # (B, h, H, W)
         h_gated = gate(h_pre)
-        h_new = h_gated if self.h_out is None else h + self.h_out(h_gated)
+        if self.h_out is None:
+            return v_new, h_gated
+        if self.training and self.dropout:  # a Python branch: traced and exported graphs (eval) hold no dropout
+            h_gated = F.dropout(h_gated, self.dropout)
+        h_new = h + self.h_out(h_gated)
         return v_new, h_new
 
 
@@ -87,7 +95,8 @@ class GatedPixelCNN(AutoregressiveModel):
         c, g = config, config.channels
         self.layers = nn.ModuleList(
             [GatedLayer(c.channels, c.hidden, c.first_kernel, g, c.num_classes, first=True)]
-            + [GatedLayer(c.hidden, c.hidden, c.kernel, g, c.num_classes, first=False) for _ in range(c.layers)]
+            + [GatedLayer(c.hidden, c.hidden, c.kernel, g, c.num_classes, first=False, dropout=c.dropout)
+               for _ in range(c.layers)]
         )
         self.init_output_layers(c.hidden, c.output_hidden)
 

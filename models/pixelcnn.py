@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError
+from .base import AutoregressiveConfig, AutoregressiveModel, ConfigError, check_dropout
 from .incremental import CachedConv, IncrementalModel, pointwise
 from .layers import MaskedConv2d
 
@@ -24,6 +24,7 @@ class PixelCNNConfig(AutoregressiveConfig):
     first_kernel: int = 7
     kernel: int = 3
     output_hidden: int = 64
+    dropout: float = 0.0  # on each residual block's inner features, in training only
 
     def validate(self) -> None:
         super().validate()
@@ -32,13 +33,15 @@ class PixelCNNConfig(AutoregressiveConfig):
                 f"need hidden >= 2, layers >= 0, output_hidden >= 1; got {self.hidden}, {self.layers}, "
                 f"{self.output_hidden}"
             )
+        check_dropout(self.dropout)
 
 
 class ResidualBlock(nn.Module):
     """relu -> 1x1 (2h -> h) -> relu -> kxk mask B -> relu -> 1x1 (h -> 2h), added to the input."""
 
-    def __init__(self, hidden: int, kernel: int, groups: int) -> None:
+    def __init__(self, hidden: int, kernel: int, groups: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = dropout
         inner = max(hidden // 2, 1)
         self.reduce = MaskedConv2d(hidden, inner, 1, mask_type="B", groups=groups)
         self.conv = MaskedConv2d(inner, inner, kernel, mask_type="B", groups=groups)
@@ -46,9 +49,10 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.reduce(F.relu(x))
-        y = self.conv(F.relu(y))
-        y = self.expand(F.relu(y))
-        return x + y
+        y = F.relu(self.conv(F.relu(y)))
+        if self.training and self.dropout:  # a Python branch: traced and exported graphs (eval) hold no dropout
+            y = F.dropout(y, self.dropout)
+        return x + self.expand(y)
 
 
 class PixelCNN(AutoregressiveModel):
@@ -58,7 +62,7 @@ class PixelCNN(AutoregressiveModel):
         super().__init__(config)
         c, g = config, config.channels
         self.input_conv = MaskedConv2d(c.channels, c.hidden, c.first_kernel, mask_type="A", groups=g)
-        self.blocks = nn.ModuleList(ResidualBlock(c.hidden, c.kernel, g) for _ in range(c.layers))
+        self.blocks = nn.ModuleList(ResidualBlock(c.hidden, c.kernel, g, c.dropout) for _ in range(c.layers))
         self.init_output_layers(c.hidden, c.output_hidden)
         if c.num_classes:
             self.label_embedding = nn.Embedding(c.num_classes, c.hidden)

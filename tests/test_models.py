@@ -133,3 +133,33 @@ def test_save_load_round_trip(tmp_path, name: str) -> None:
     load_weights(tmp_path / "w.safetensors", b)
     x, y = torch.randint(0, 8, (2, 3, 4, 4)), torch.tensor([0, 1])
     torch.testing.assert_close(a(x, y), b(x, y), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["pixelcnn", "gated-pixelcnn"])
+def test_dropout_acts_in_training_only_and_keeps_causality(name: str) -> None:
+    """dropout > 0: training passes drop features at random (two calls differ) without breaking causality (a
+    mask multiplies features elementwise); in eval the model is the same function as without dropout."""
+    torch.manual_seed(0)
+    model = build_model(name, tiny_config(1, 4, 5, 4, "categorical", hidden=24, output_hidden=24, dropout=0.5))
+    torch.manual_seed(0)
+    plain = build_model(name, tiny_config(1, 4, 5, 4, "categorical", hidden=24, output_hidden=24))
+    plain.load_state_dict(model.state_dict())
+    x = torch.randint(0, 4, (3, 1, 4, 5))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), plain.eval()(x))
+    model.train()
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(0)
+    xs = torch.rand(1, 1, 4, 5, generator=g, dtype=torch.float64) * 3
+    model = model.double()
+
+    def f(inp: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(7)  # the same dropout mask for every Jacobian row
+        return model(inp.reshape(1, 1, 4, 5)).sum(-1).reshape(-1)
+
+    dep = torch.autograd.functional.jacobian(f, xs.reshape(-1)) != 0
+    assert causality_violations(dep) == []
+    with pytest.raises(ConfigError, match="dropout must be in"):
+        build_model(name, tiny_config(1, 4, 5, 4, "categorical", dropout=1.0))
