@@ -78,6 +78,9 @@ from .sample import sample_command
               "keeps the weights of its best evaluation in model_best.safetensors (gen-export --weights best).")
 @click.option("--kl-warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="VAE: raise the KL weight linearly from 0 to 1 over this many steps.")
+@click.option("--iw-train", type=click.IntRange(min=0), default=0, show_default=True,
+              help="VAE: train the k-sample importance-weighted bound (the IWAE, Burda et al. 2016) instead of the "
+              "ELBO (0).")
 @click.option("--iw-samples", type=click.IntRange(min=0), default=8, show_default=True,
               help="VAE: importance samples for the held-out NLL estimate each epoch (0: skip).")
 @click.option("--samples", "n_samples", type=click.IntRange(min=0), default=64, show_default=True,
@@ -86,6 +89,9 @@ from .sample import sample_command
 @click.option("--cpu-bf16", is_flag=True,
               help="bfloat16 autocast on the CPU (float32 weights and likelihood), where the CPU has native bf16; "
               "CUDA always uses it.")
+@click.option("--compile", is_flag=True,
+              help="torch.compile the training step's loss (a minute to compile; then faster steps, see the README's "
+              "training speed table). Not the GAN's step.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Torch CPU threads; 0: the cores no other job keeps busy (torch's own default, one per core, "
               "was 18x slower on 2 cores shared with 2 other jobs). OMP_NUM_THREADS, when set, wins over 0.")
@@ -116,10 +122,10 @@ def train_command(**o: object) -> None:
         seed=int(o["seed"]), eval_limit=int(o["eval_limit"]), checkpoint_every=int(o["checkpoint_every"]),
         log_every=int(o["log_every"]),
         n_samples=int(o["n_samples"]), dynamic_binarize=bool(o["dynamic_binarize"]), ema=float(o["ema"]),
-        cpu_bf16=bool(o["cpu_bf16"]), patience=int(o["patience"]),
+        cpu_bf16=bool(o["cpu_bf16"]), patience=int(o["patience"]), compile=bool(o["compile"]),
     )
     # The family's own options; each family keeps the ones it has (objectives.OBJECTIVE_OPTIONS).
-    objective = {k: o[k] for k in ("kl_warmup_steps", "iw_samples", "gan_k", "gan_loss")}
+    objective = {k: o[k] for k in ("kl_warmup_steps", "iw_samples", "iw_train", "gan_k", "gan_loss")}
     data = DataSpec(
         name=str(o["data"]), path=o["data_path"], split=str(o["split"]),  # type: ignore[arg-type]
         eval_split="" if o["eval_split"] == "none" else str(o["eval_split"]),

@@ -18,6 +18,7 @@ Gaussian fitted to the training codes: a plain autoencoder has no prior of its o
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -196,6 +197,21 @@ class VAE(LatentModel):
         """log p(x | z) in nats per image: (B,)."""
         lp = self.decode(z, labels)
         return lp.gather(-1, x.long().unsqueeze(-1)).flatten(1).sum(1)
+
+    def iwae_bound(self, x: torch.Tensor, k: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The k-sample importance-weighted lower bound on log p(x) (Burda et al. 2016, eq. 8), one reparameterized
+        draw of k latents per image: log (1/k) sum_i p(x, z_i) / q(z_i | x), (B,). k = 1 is an ELBO estimate
+        with a sampled KL; larger k tightens the bound and trains the IWAE."""
+        mu, logvar = self.encode(x, labels)  # (B, Z)
+        std = torch.exp(0.5 * logvar)
+        eps = torch.randn((k, *mu.shape), dtype=mu.dtype, device=mu.device)  # (k, B, Z)
+        z = mu + std * eps
+        log_q = (-0.5 * eps.pow(2) - 0.5 * logvar - 0.5 * math.log(2 * math.pi)).sum(-1)  # (k, B)
+        log_prior = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
+        rep = (lambda t: t.repeat(k, *([1] * (t.dim() - 1)))) if labels is not None else None
+        log_px = self.log_px(x.repeat(k, 1, 1, 1), z.reshape(-1, z.shape[-1]),
+                             None if rep is None else rep(labels)).reshape(k, -1)
+        return torch.logsumexp(log_px + log_prior - log_q, dim=0) - math.log(k)
 
     def elbo_terms(
         self, x: torch.Tensor, labels: torch.Tensor | None = None

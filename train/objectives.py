@@ -24,7 +24,7 @@ from genforge.runtime.randomness import normals, uniforms
 
 from . import scores
 from .data import ImageData
-from .errors import TrainingError
+from .errors import TrainingError, UsageError
 
 
 class Objective:
@@ -136,10 +136,18 @@ class LatentObjective(Objective):
 
     eval_seed = 0  # the noise of held-out image i comes from (0, i), as in gen-eval with its default --seed
 
-    def __init__(self, model: LatentModel, kl_warmup_steps: int = 0, iw_samples: int = 8) -> None:
+    def __init__(self, model: LatentModel, kl_warmup_steps: int = 0, iw_samples: int = 8, iw_train: int = 0) -> None:
         self.is_vae = model.variational
         self.kl_warmup_steps = kl_warmup_steps
         self.iw_samples = iw_samples
+        if iw_train < 0:
+            raise UsageError(f"--iw-train must be >= 0, got {iw_train}")
+        if iw_train and kl_warmup_steps:
+            raise UsageError("--iw-train and --kl-warmup-steps exclude each other: the warm-up weights the ELBO's KL "
+                             "term, which the importance-weighted bound does not have")
+        if iw_train and not self.is_vae:
+            raise UsageError("--iw-train trains a VAE's importance-weighted bound; the autoencoder has none")
+        self.iw_train = iw_train
         self.step = 0
         # The tightest bound the evaluation computes: the importance-weighted NLL where it has samples.
         self.selection_metric = ("iwae_nll" if iw_samples else "neg_elbo") if self.is_vae else "l2_per_image"
@@ -157,6 +165,10 @@ class LatentObjective(Objective):
         if not self.is_vae:
             l2 = model.loss(x, labels).mean()
             return l2, {"l2": float(l2.detach())}
+        if self.iw_train:  # the IWAE: the k-sample bound itself is maximized
+            bound = model.iwae_bound(x, self.iw_train, labels)
+            loss = -bound.mean()
+            return loss, {"iwae_train_nats": float(loss.detach()), "iw_train": float(self.iw_train)}
         rec, kl = model.elbo_terms(x, labels)
         loss = (-rec + self.beta * kl).mean()
         return loss, {"reconstruction_nats": float(-rec.detach().mean()), "kl_nats": float(kl.detach().mean()),
@@ -361,7 +373,8 @@ class GANObjective(Objective):
 OBJECTIVE_OPTIONS: dict[str, dict[str, Any]] = {
     "autoregressive": {},
     "latent": {"kl_warmup_steps": 0,  # the KL weight rises linearly from 0 to 1 over these steps
-               "iw_samples": 8},  # importance samples of the held-out NLL estimate each epoch (0: none)
+               "iw_samples": 8,  # importance samples of the held-out NLL estimate each epoch (0: none)
+               "iw_train": 0},  # importance samples of the training bound (0: the ELBO; k > 1: the IWAE)
     "gan": {"gan_k": 1,  # discriminator steps (each on a fresh batch) per generator step
             "gan_loss": "non-saturating"},  # the generator's loss: non-saturating | minimax
 }
@@ -382,7 +395,7 @@ def objective_for(model: nn.Module, options: dict[str, Any] | None = None, *, lr
         c = model.config
         return AutoregressiveObjective(c.channels * c.height * c.width)
     if family == "latent":
-        return LatentObjective(model, o["kl_warmup_steps"], o["iw_samples"])
+        return LatentObjective(model, o["kl_warmup_steps"], o["iw_samples"], o["iw_train"])
     if family == "gan":
         return GANObjective(model, k=o["gan_k"], loss=o["gan_loss"], lr=lr, train_data=train_data)
     raise TypeError(f"no training objective for {type(model).__name__} (family {family!r})")
