@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import zoo
 from .errors import BundleError
 from .onnx_scan import external_tensors
 from .randomness import SCHEME
@@ -197,7 +198,7 @@ def read_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"a bundle path must be a str or a path, got {type(path).__name__}")
     if not os.fspath(path):
         raise BundleError("the bundle path is empty")
-    p = Path(path)
+    p = Path(zoo.resolve(path))
     if p.is_file() and p.name == MANIFEST:
         p = p.parent
     manifest_path = p / MANIFEST

@@ -253,6 +253,13 @@ def test_onnx_path_in_an_environment_without_torch(runs, tmp_path: Path) -> None
                    check=True)
     with np.load(tmp_path / "s.npz") as z:
         np.testing.assert_array_equal(z["images"], load(bundle).sample(4, seed=11))
+    # The zoo ships with that install: its listing and its bundles by name.
+    listing = subprocess.run([str(Path(python).parent / "gen-zoo")], check=True, capture_output=True, text=True)
+    assert "zoo:pixelcnn-bmnist" in listing.stdout
+    subprocess.run([str(gen_sample), "zoo:pixelcnn-bmnist", "-n", "2", "--seed", "3", "--quiet", "-o",
+                    str(tmp_path / "z.npz")], check=True)
+    with np.load(tmp_path / "z.npz") as z:
+        np.testing.assert_array_equal(z["images"], load("zoo:pixelcnn-bmnist").sample(2, seed=3))
 
 
 def test_gen_sample_command_runs_with_torch_blocked(runs, tmp_path: Path) -> None:

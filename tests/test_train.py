@@ -219,9 +219,11 @@ def test_a_version_1_run_config_moves_its_family_options_to_objective(tmp_path: 
                   train=tiny_train(steps=2), objective={"iw_samples": 3, "gan_k": 5}, out=tmp_path / "v",
                   progress=False)
     cfg = json.loads((r.run_dir / "config.json").read_text())
-    assert cfg["version"] == 2 and cfg["objective"] == {"kl_warmup_steps": 0, "iw_samples": 3}  # the VAE's only
+    assert cfg["version"] == 2  # the VAE's options only
+    assert cfg["objective"] == {"kl_warmup_steps": 0, "iw_samples": 3, "iw_train": 0}
     assert "iw_samples" not in cfg["train"]
-    old = {**cfg, "version": 1, "train": {**cfg["train"], **cfg["objective"]}}
+    v1_options = {k: v for k, v in cfg["objective"].items() if k in ckpt.V1_OBJECTIVE_KEYS}  # iw_train came later
+    old = {**cfg, "version": 1, "train": {**cfg["train"], **v1_options}}
     del old["objective"]
     (r.run_dir / "config.json").write_text(json.dumps(old))
     run = ckpt.read_run_config(r.run_dir)
@@ -297,3 +299,31 @@ def test_unknown_or_missing_weights_are_one_line_errors(tmp_path: Path) -> None:
     (r.run_dir / ckpt.BEST_WEIGHTS_FILE).unlink()
     with pytest.raises(ckpt.CheckpointError, match="no held-out evaluation"):
         load_run(r.run_dir, weights="best")
+
+
+@pytest.mark.slow  # torch.compile takes 10-20 s here
+def test_a_compiled_run_learns_like_the_eager_one_and_resumes_exactly(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compile: the same losses as eager training to float rounding, and a resumed compiled run repeats the
+    uninterrupted compiled run exactly."""
+    eager = train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=6), out=tmp_path / "eager", progress=False)
+    full = train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=6, compile=True), out=tmp_path / "full",
+                     progress=False)
+    a, b = losses(eager.run_dir), losses(full.run_dir)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    np.testing.assert_allclose([v for _, v in b], [v for _, v in a], rtol=1e-4)
+    original = Trainer.batch
+
+    def dying_batch(self: Trainer, step: int):
+        if step == 5:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "batch", dying_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=6, compile=True), out=tmp_path / "cut",
+                  progress=False)
+    monkeypatch.setattr(Trainer, "batch", original)
+    cut = train_run(out=tmp_path / "cut", resume=True, progress=False)
+    assert losses(cut.run_dir) == losses(full.run_dir)
+    assert json.loads((full.run_dir / "config.json").read_text())["train"]["compile"] is True

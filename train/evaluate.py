@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from genforge.runtime import zoo
 from genforge.runtime.bundle import MANIFEST
 from genforge.runtime.progress import Progress, chunks
 
@@ -142,7 +143,7 @@ def evaluate_path(
     lacks are carved with the training seed the model records, so the scored split is exactly the one the
     model was trained without. ``seed`` drives the VAE's importance samples and the quality samples only.
     ``inception_weights``: also the distances in Inception-v3 feature space (implies ``quality``)."""
-    p = Path(path)
+    p = Path(zoo.resolve(path))
     if (p / MANIFEST).is_file():
         scorer, kind = _bundle_scorer(p, backend), "bundle"
         source = scorer.bundle_source
@@ -170,7 +171,7 @@ def evaluate_path(
     check_data_matches(scorer.config, ds, split)
     if limit:
         ds = ds.subset(np.arange(min(limit, len(ds))))
-    out: dict[str, Any] = {"path": str(p), "kind": kind, "family": scorer.family, "data": spec.name,
+    out: dict[str, Any] = {"path": str(path), "kind": kind, "family": scorer.family, "data": spec.name,
                            "split": split, "split_origin": ds.origin, "split_seed": split_seed, "images": len(ds)}
     if trained_on:  # where the carving seed came from: a bundle's is its manifest's word, which nothing checks
         out["split_seed_from"] = ("the bundle's manifest (source.seed; trusted, see docs/bundle.md)"
