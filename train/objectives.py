@@ -228,13 +228,15 @@ GAN_LOSSES = ("non-saturating", "minimax")
 
 
 def dequantize(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """Levels (int) -> continuous values in [0, levels - 1], uniform over the interval that rounds back to each
-    level (the GAN sampling rule rounds the generator's output): real images are discrete and fakes continuous,
-    and without noise D can tell them apart by that alone. The end levels' intervals are half as wide (0 and
-    levels - 1 round from [0, 0.5) and [levels - 1.5, levels - 1]), so their noise is folded back inside:
-    unfolded, binary images spread over [-0.5, 1.5], twice the generator's tanh range, and D told real from
-    fake by magnitude alone."""
-    v = x.float() + torch.rand(x.shape, device=x.device) - 0.5
+    """Levels (int) -> continuous values in [0, levels - 1], as an 8-bit image's are: each level spread uniformly
+    over one 8-bit step, (levels - 1) / 255 level units wide (a whole level at 256 levels). Real images are
+    discrete and fakes continuous, and without noise D can tell them apart by that alone; but noise as wide as a
+    level is a quarter of the range for binary images, which D told from the generator's output by its texture,
+    while the generator learned to put strokes at the rounding edge (speckled binary samples). The end levels'
+    noise is folded back inside [0, levels - 1], the generator's tanh range, and every value rounds back to its
+    level (the GAN sampling rule rounds)."""
+    width = min(1.0, (levels - 1) / 255.0)
+    v = x.float() + (torch.rand(x.shape, device=x.device) - 0.5) * width
     top = float(levels - 1)
     return torch.where(v < 0, -v, torch.where(v > top, 2 * top - v, v))
 
