@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # bfloat16 autocast on CUDA
     cpu_bf16: bool = False  # bfloat16 autocast on the CPU too, where it has native bf16 (AVX512-BF16 / AMX)
+    compile: bool = False  # torch.compile the training loss (the default step; the GAN's own step stays eager)
     eval_batch_size: int = 256
     eval_limit: int = 0  # images of the held-out split scored per epoch; 0: all
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of each epoch only
@@ -199,6 +200,9 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(_LossModule(model, objective), device_ids=ids)
+        # The loss as the default step runs it: compiled once per run (its shapes never change: every batch is
+        # full), eager otherwise. Held-out evaluation stays eager (its last batch is smaller, no gradients).
+        self.train_loss = torch.compile(objective.loss) if config.compile else objective.loss
         self.tb = _tensorboard(self.run_dir / "tb") if self.dist.is_main else None
         # Called once, after the first checkpoint is written (gen-train --overwrite publishes the new run then).
         self.on_first_checkpoint: Any = None
@@ -444,7 +448,7 @@ class Trainer:
             if self.ddp is not None:  # through DDP's forward, so its backward hooks average the gradients
                 loss, batch_metrics = self.ddp(x, y)
             else:
-                loss, batch_metrics = self.objective.loss(self.model, x, y)
+                loss, batch_metrics = self.train_loss(self.model, x, y)
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss became {float(loss.detach())} at step {step} (lower --lr or check the data)")
         self.optimizer.zero_grad(set_to_none=True)
