@@ -8,6 +8,7 @@
 
     python benchmarks/zoo_figures.py            # writes docs/images/zoo-*.png and docs/images/learning-curves.svg
     python benchmarks/zoo_figures.py --table    # prints the README's zoo table from genforge/runtime/zoo/zoo.json
+    python benchmarks/zoo_figures.py --readme   # writes it, and the pictures' table, into README.md
 
 Sampling runs the zoo bundles through the runtime (onnxruntime), so the pictures are what a user gets from
 ``gen-sample zoo:NAME``. The SVG is written by hand (no plotting dependency).
@@ -214,16 +215,46 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def pictures_table() -> str:
+    from genforge.runtime import zoo
+
+    rows = ["| zoo model | samples (seed 0) | completions: top 14 rows kept (first row), three draws, the originals "
+            "(last row) |", "| --- | --- | --- |"]
+    for name in zoo.zoo_names():
+        comp, interp = OUT / f"zoo-{name}-completion.png", OUT / f"zoo-{name}-interpolation.png"
+        third = (f"![completions](docs/images/{comp.name})" if comp.exists() else
+                 f"interpolations between valid images: ![interpolations](docs/images/{interp.name})"
+                 if interp.exists() else "-")
+        rows.append(f"| `zoo:{name}` | ![samples](docs/images/zoo-{name}-samples.png) | {third} |")
+    return "\n".join(rows)
+
+
+def update_readme(path: Path) -> None:
+    """Rewrite the README's generated blocks (between <!-- zoo-table ... --> and <!-- /zoo-table -->, and the
+    same for zoo-pictures) from the cards."""
+    text = path.read_text(encoding="utf-8")
+    for tag, body in (("zoo-table", table()), ("zoo-pictures", pictures_table())):
+        start = text.index(f"<!-- {tag}")
+        start = text.index("-->", start) + 3
+        end = text.index(f"<!-- /{tag} -->")
+        text = text[:start] + "\n" + body + "\n" + text[end:]
+    path.write_text(text, encoding="utf-8")
+
+
 def main() -> None:
     from genforge.runtime import zoo
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--readme", action="store_true", help="rewrite README.md's zoo table and pictures table")
     ap.add_argument("--curves-only", action="store_true")
     ap.add_argument("names", nargs="*", help="zoo models to draw (default: all)")
     a = ap.parse_args()
     if a.table:
         print(table())
+        return
+    if a.readme:
+        update_readme(ROOT / "README.md")
         return
     OUT.mkdir(parents=True, exist_ok=True)
     written: list[Any] = [learning_curves(OUT / "learning-curves.svg")]
