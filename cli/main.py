@@ -200,12 +200,14 @@ def export_command(run_dir: str, formats: tuple[str, ...], out: str, opset: int,
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
               help="Randomness of the VAE's importance samples and of the quality samples (image i from (seed, i)); "
               "not of the split, which the model's training seed fixes.")
+@click.option("--weights", type=click.Choice(["last", "ema", "best"]), default="last", show_default=True,
+              help="For run directories: the last step's weights, their moving average, or the best evaluation's.")
 @click.option("--quiet", is_flag=True)
 @one_line_errors
 def eval_command(path: str, data: str | None, data_path: str | None, split: str, batch_size: int, iw_samples: int,
                  quality: bool, quality_samples: int, inception_weights: str | None,
                  limit: int, levels: int | None, image_size: int | None, channels: str | None,
-                 backend: str, seed: int, quiet: bool) -> None:
+                 backend: str, seed: int, weights: str, quiet: bool) -> None:
     """Evaluate a run directory or a bundle on a data split; prints one JSON object (nats_per_image is the
     negative log-likelihood, -log p(x), averaged over the split's images)."""
     import json
@@ -217,7 +219,7 @@ def eval_command(path: str, data: str | None, data_path: str | None, split: str,
     result = evaluate_path(path, {k: v for k, v in given.items() if v is not None}, split=split,
                            batch_size=batch_size, iw_samples=iw_samples, quality=quality,
                            quality_samples=quality_samples, limit=limit, seed=seed, backend=backend,
-                           progress=not quiet, inception_weights=inception_weights)
+                           progress=not quiet, inception_weights=inception_weights, weights=weights)
     click.echo(json.dumps(result, sort_keys=True))
 
 

@@ -327,3 +327,20 @@ def test_a_compiled_run_learns_like_the_eager_one_and_resumes_exactly(tmp_path: 
     cut = train_run(out=tmp_path / "cut", resume=True, progress=False)
     assert losses(cut.run_dir) == losses(full.run_dir)
     assert json.loads((full.run_dir / "config.json").read_text())["train"]["compile"] is True
+
+
+def test_gen_eval_scores_the_weights_asked_for(tmp_path: Path) -> None:
+    """gen-eval RUN --weights ema|best scores those weights: what the run's own last evaluation reported."""
+    from click.testing import CliRunner
+
+    from genforge.cli.main import eval_command
+
+    r = train_run(model_overrides=TINY_MODEL, train=tiny_train(steps=4, ema=0.5, eval_limit=0), out=tmp_path / "r",
+                  progress=False)
+    out = {}
+    for w in ("last", "ema", "best"):
+        res = CliRunner().invoke(eval_command, [str(r.run_dir), "--split", "valid", "--weights", w, "--quiet"])
+        assert res.exit_code == 0, res.output
+        out[w] = json.loads(res.output)["nats_per_image"]
+    assert out["ema"] == pytest.approx(r.metrics["nats_per_image"], rel=1e-6) and out["ema"] != out["last"]
+    assert out["best"] == pytest.approx(out["ema"], rel=1e-12)  # one evaluation: the best is the last average

@@ -117,9 +117,9 @@ def test_a_zoo_model_samples_deterministically_and_scores_what_its_card_says(nam
         assert abs(got - check["nats_per_image"]) < 1e-3, (got, check)
     elif "iwae_nll" in check:
         from genforge.train.data import ImageData
-        from genforge.train.evaluate import _bundle_scorer, score_likelihoods
+        from genforge.train.evaluate import bundle_scorer, score_likelihoods
 
-        out = score_likelihoods(_bundle_scorer(zoo.resolve(f"zoo:{name}"), "onnx"),
+        out = score_likelihoods(bundle_scorer(zoo.resolve(f"zoo:{name}"), "onnx"),
                                 ImageData(valid_slice()[: check["images"]], None, 2), batch_size=64,
                                 iw_samples=check["iw_samples"], seed=check["seed"])
         for key in ("neg_elbo", "iwae_nll"):

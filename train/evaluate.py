@@ -46,8 +46,9 @@ class Scorer:
     bundle_source: dict[str, Any] = field(default_factory=dict)  # a bundle's record of its run (data, seed)
 
 
-def _eager_scorer(run_dir: Path) -> Scorer:
-    model, _ = load_run(run_dir)  # float32, as the bundle computes
+def eager_scorer(run_dir: Path, weights: str = "last") -> Scorer:
+    """The Scorer of a run directory's model (its ``weights``: last, ema or best), in float32 as a bundle is."""
+    model, _ = load_run(run_dir, weights=weights)  # float32, as the bundle computes
     cfg = model.config.to_dict()
     family = type(model).family
 
@@ -74,7 +75,8 @@ def _eager_scorer(run_dir: Path) -> Scorer:
     return Scorer(family, cfg, sample=sample)
 
 
-def _bundle_scorer(path: Path, backend: str) -> Scorer:
+def bundle_scorer(path: Path, backend: str) -> Scorer:
+    """The Scorer of a bundle (or ``zoo:NAME``) through the runtime's ``backend``."""
     from genforge.runtime import AutoregressiveSampler, LatentSampler, load
 
     s = load(path, backend=backend)
@@ -135,6 +137,7 @@ def evaluate_path(
     backend: str = "auto",
     progress: bool = False,
     inception_weights: str | Path | None = None,
+    weights: str = "last",
 ) -> dict[str, Any]:
     """Evaluate a run directory or a bundle on ``split`` of its data.
 
@@ -142,18 +145,21 @@ def evaluate_path(
     ``image_size``, ``channels``); by default the data set the model was trained on. Splits a data set
     lacks are carved with the training seed the model records, so the scored split is exactly the one the
     model was trained without. ``seed`` drives the VAE's importance samples and the quality samples only.
-    ``inception_weights``: also the distances in Inception-v3 feature space (implies ``quality``)."""
+    ``inception_weights``: also the distances in Inception-v3 feature space (implies ``quality``). ``weights``:
+    a run directory's last, ema or best weights (train.checkpoint.weights_file)."""
     p = Path(zoo.resolve(path))
     if (p / MANIFEST).is_file():
-        scorer, kind = _bundle_scorer(p, backend), "bundle"
+        scorer, kind = bundle_scorer(p, backend), "bundle"
         source = scorer.bundle_source
     elif (p / CONFIG_FILE).is_file():
-        scorer, kind = _eager_scorer(p), "run"
+        scorer, kind = eager_scorer(p, weights), "run"
         run = read_run_config(p)
         source = {"data": run.data, "seed": run.train.get("seed"),
                   "dynamic_binarize": bool(run.train.get("dynamic_binarize"))}
     else:
         raise UsageError(f"{p}: neither a run directory (config.json) nor a bundle (manifest.json)")
+    if kind == "bundle" and weights != "last":
+        raise UsageError(f"{p}: --weights {weights} chooses a run directory's weights; a bundle holds one set")
     given = dict(data or {})
     recorded = (source.get("data") or {}) if kind == "bundle" else {}
     if kind == "bundle" and recorded.get("path") is not None and "path" not in given:

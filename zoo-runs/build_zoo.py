@@ -84,9 +84,9 @@ def slice_check(bundle: Path, family: str, images: np.ndarray) -> dict[str, Any]
         return {"images": len(images), "nats_per_image": float(-s.log_prob(images).mean())}
     if family == "latent":
         from genforge.train.data import ImageData
-        from genforge.train.evaluate import _bundle_scorer, score_likelihoods
+        from genforge.train.evaluate import bundle_scorer, score_likelihoods
 
-        out = score_likelihoods(_bundle_scorer(bundle, "onnx"), ImageData(images, None, 2), batch_size=64,
+        out = score_likelihoods(bundle_scorer(bundle, "onnx"), ImageData(images, None, 2), batch_size=64,
                                 iw_samples=8, seed=0)
         return {"images": len(images), "iw_samples": 8, "seed": 0, "neg_elbo": out["neg_elbo"],
                 "iwae_nll": out["iwae_nll"]}
