@@ -68,3 +68,16 @@ def test_gen_demo_says_in_one_line_what_is_missing(family_bundles, tmp_path: Pat
     for args, why in cases:
         r = CliRunner().invoke(demo_command, args)
         assert r.exit_code != 0 and why in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_the_page_serves_a_zoo_model_by_name(fake_ort: Path) -> None:
+    server = serve("zoo:gated-pixelcnn-bmnist", port=0, ort=str(fake_ort))
+    serve_in_thread(server)
+    try:
+        assert server.manifest["model"] == "gated-pixelcnn"
+        for name, digest in server.manifest["files"].items():
+            status, data, _ = _get(server.url + "bundle/" + name)
+            assert status == 200 and hashlib.sha256(data).hexdigest() == digest, name
+    finally:
+        server.shutdown()
+        server.server_close()
