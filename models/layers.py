@@ -104,9 +104,15 @@ class MaskedConv2d(nn.Conv2d):
     def fold_mask(self) -> None:
         """Multiply the mask into the weight once, so a traced or exported graph holds the masked weight
         alone: no mask tensor beside it, no multiply per call. Exact: the product a call computes is this
-        one (and masking a folded weight again changes nothing, the mask being 0/1)."""
+        one (and masking a folded weight again changes nothing, the mask being 0/1).
+
+        The folded weight is also laid out in memory as (kh, kw, in, out), seen through a permuted view: a
+        cached step's matrix, the top rows of the kernel as (rows * kw * in, out) (models/incremental.py), is
+        then a view of the same storage, so a frozen TorchScript archive stores the kernel once rather than
+        the kernel and its transposed top half beside it (issue 25: 1.5x the weights before)."""
         if not self.folded:
-            self.weight.mul_(self.mask)
+            w = self.weight.detach() * self.mask
+            self.weight.data = w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
             self.folded = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
