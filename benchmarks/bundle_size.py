@@ -4,8 +4,8 @@ same: python benchmarks/bundle_size.py BUNDLE [OTHER_BUNDLE]
 Prints JSON: per bundle the bytes of each format's files (its graph files and the external data they read,
 the weights file apart), the weights' tensor bytes and the ratios; with two bundles, per backend the largest
 log-probability difference, whether each decoder draws the same images, and both bundles' load time (load()
-and the first one-image sample) and cached-decoding time (16 images), each the best of 3 runs alternating
-between the two bundles, so that the ratio is of one run on one machine.
+and the first one-image sample), cached-decoding time (16 images) and log p of 64 images, each the best of 3
+runs alternating between the two bundles, so that the ratio is of one run on one machine.
 """
 
 from __future__ import annotations
@@ -44,9 +44,14 @@ def compare(a_path: Path, b_path: Path) -> dict[str, object]:
     from genforge.runtime import load
 
     out: dict[str, object] = {}
+    formats = [{g["format"] for g in json.loads((p / "manifest.json").read_text())["graphs"].values()}
+               for p in (a_path, b_path)]
     for backend in ("onnx", "torchscript"):
+        if not all(backend in f for f in formats):
+            continue
         load_s: list[list[float]] = [[], []]
         decode_s: list[list[float]] = [[], []]
+        log_prob_s: list[list[float]] = [[], []]
         loaded: list[Any] = [None, None]
         for _ in range(3):
             for i, p in enumerate((a_path, b_path)):
@@ -57,6 +62,11 @@ def compare(a_path: Path, b_path: Path) -> dict[str, object]:
                 t0 = time.perf_counter()
                 s.sample(16, seed=1, batch_size=16, decoder="cached")
                 decode_s[i].append(time.perf_counter() - t0)
+                h, w, c = s.image_shape
+                x = np.random.default_rng(0).integers(0, s.levels, (64, h, w, c)).astype(np.uint8)
+                t0 = time.perf_counter()
+                s.log_prob(x, batch_size=64)
+                log_prob_s[i].append(time.perf_counter() - t0)
                 loaded[i] = s
         a, b = loaded
         h, w, c = a.image_shape
@@ -68,8 +78,10 @@ def compare(a_path: Path, b_path: Path) -> dict[str, object]:
                                                    b.sample(4, seed=3, batch_size=4, decoder=d))) for d in decoders},
             "load_and_first_sample_s": [round(min(t), 3) for t in load_s],
             "cached_16_images_s": [round(min(t), 3) for t in decode_s],
+            "log_prob_64_images_s": [round(min(t), 3) for t in log_prob_s],
             "second_over_first": {"load": round(min(load_s[1]) / min(load_s[0]), 3),
-                                  "cached_decoding": round(min(decode_s[1]) / min(decode_s[0]), 3)},
+                                  "cached_decoding": round(min(decode_s[1]) / min(decode_s[0]), 3),
+                                  "log_prob": round(min(log_prob_s[1]) / min(log_prob_s[0]), 3)},
         }
     return out
 

@@ -43,34 +43,111 @@ def safetensors_offsets(raw: bytes) -> dict[bytes, tuple[int, int]]:
     return out
 
 
-def _tensors(graph: Any) -> Iterator[Any]:
-    """The initializers of a graph and of every subgraph (Loop and If bodies) inside it."""
-    import onnx
-
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _tensors(sub)
-
-
 def _strip_provenance(graph: Any) -> None:
     """Drop what the dynamo exporter records about each node's origin (the traced class hierarchy, FX node and
     stack trace in ``metadata_props``): about three quarters of a graph file once its tensors are external,
-    read by no runtime, and it names source files of the machine that exported."""
+    read by no runtime, and it names source files of the machine that exported. Node names and the
+    intermediate values' shapes go too: no runtime needs them."""
     import onnx
 
     for node in graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
+        node.name = ""  # optional in ONNX, and unique-by-counter names ("node_Mul_593") are a sixth of a graph
         for attr in node.attribute:
             for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
                 _strip_provenance(sub)
-    for value in [*graph.value_info, *graph.input, *graph.output]:
+    # The intermediate values' shapes: onnxruntime infers them when it loads a graph, and an unrolled graph's
+    # were a third of its file (Diagonal BiLSTM).
+    del graph.value_info[:]
+    for value in [*graph.input, *graph.output]:
         del value.metadata_props[:]
+
+
+class _Derivations:
+    """Finds a tensor's bytes as a run of consecutive elements of a weight with its axes permuted: the forms a
+    graph folds out of a weight (a 1x1 kernel as a matrix, transposed for a Gemm; one tap of a (k, 1) kernel;
+    a cached step's top rows). Such a tensor need not be stored: a few nodes make it from the weight, and
+    onnxruntime folds those nodes into a constant when it loads the graph, so nothing is computed per call."""
+
+    def __init__(self, weights: Path) -> None:
+        from safetensors.numpy import load_file
+
+        self.weights = {k: v for k, v in load_file(str(weights)).items() if v.ndim >= 2}
+        self.permuted: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+    def find(self, array: Any) -> tuple[str, tuple[int, ...], int] | None:
+        """(weight name, axis permutation, element offset) with ``array`` equal to elements offset .. offset
+        + array.size of the weight permuted and flattened, or None."""
+        import itertools
+
+        import numpy as np
+
+        raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        for name, w in self.weights.items():
+            if w.dtype != array.dtype or w.size < array.size:
+                continue
+            for perm in itertools.permutations(range(w.ndim)):
+                key = (name, perm)
+                if key not in self.permuted:
+                    self.permuted[key] = np.ascontiguousarray(w.transpose(perm)).tobytes()
+                flat, at = self.permuted[key], -1
+                while (at := flat.find(raw, at + 1)) >= 0:
+                    if at % w.itemsize == 0:
+                        return name, perm, at // w.itemsize
+        return None
+
+
+def _derive(graph: Any, tensor: Any, how: tuple[str, tuple[int, ...], int], source: Any) -> None:
+    """Replace initializer ``tensor`` of ``graph`` by nodes that make it from ``source`` (an initializer of the
+    weight, external data in the weights file), as ``how`` says: Transpose, flatten, Slice, Reshape."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    _, perm, offset = how
+    n = int(np.prod(tensor.dims))
+    v = f"{tensor.name}/"  # a prefix no exporter's name has: the values below are unique to this tensor
+    consts = {v + "a": [0], v + "b": [offset], v + "e": [offset + n], v + "f": [-1], v + "s": list(tensor.dims)}
+    nodes = []
+    value = source.name
+    if perm != tuple(range(len(perm))):
+        nodes.append(helper.make_node("Transpose", [value], [v + "t"], perm=list(perm)))
+        value = v + "t"
+    nodes += [helper.make_node("Reshape", [value, v + "f"], [v + "r"]),
+              helper.make_node("Slice", [v + "r", v + "b", v + "e", v + "a"], [v + "x"]),
+              helper.make_node("Reshape", [v + "x", v + "s"], [tensor.name])]
+    graph.initializer.remove(tensor)
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in consts.items())
+    for node in reversed(nodes):  # first: the graph's nodes are in order, and these feed the rest
+        graph.node.insert(0, node)
+
+
+def _point_at(t: Any, location: str, offset: int, length: int) -> None:
+    """Make tensor ``t`` external data: ``length`` bytes at ``offset`` of file ``location``."""
+    import onnx
+
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        t.ClearField(field)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _initializer_graphs(graph: Any) -> Iterator[tuple[Any, Any]]:
+    """(graph, initializer) for the initializers of a graph and of every subgraph inside it."""
+    import onnx
+
+    for t in list(graph.initializer):
+        yield graph, t
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _initializer_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _initializer_graphs(sub)
 
 
 def externalize_onnx(files: list[Path], weights: Path) -> dict[str, int]:
@@ -83,11 +160,13 @@ def externalize_onnx(files: list[Path], weights: Path) -> dict[str, int]:
     in_weights = safetensors_offsets(weights.read_bytes())
     shared = bytearray()
     placed: dict[bytes, tuple[int, int]] = {}
-    stats = {"tensors_in_weights": 0, "tensors_in_onnx_data": 0, "bytes_deduplicated": 0}
+    stats = {"tensors_in_weights": 0, "tensors_in_onnx_data": 0, "bytes_deduplicated": 0, "tensors_derived": 0}
+    derivations = _Derivations(weights)
     for path in files:
         proto = onnx.load(str(path), load_external_data=False)
         _strip_provenance(proto.graph)
-        for t in _tensors(proto.graph):
+        sources: dict[tuple[int, str], Any] = {}  # (graph, weight) -> the initializer reading that weight
+        for graph, t in _initializer_graphs(proto.graph):
             if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
                 continue
             array = numpy_helper.to_array(t)
@@ -95,6 +174,18 @@ def externalize_onnx(files: list[Path], weights: Path) -> dict[str, int]:
             if len(raw) < MIN_EXTERNAL_BYTES:
                 continue
             digest = hashlib.sha256(raw).digest()
+            how = None if digest in in_weights else derivations.find(array)
+            if how is not None:
+                key = (id(graph), how[0])
+                if key not in sources:
+                    w = derivations.weights[how[0]]
+                    source = numpy_helper.from_array(w, f"{how[0]}/weights")
+                    _point_at(source, weights.name, *in_weights[hashlib.sha256(w.tobytes()).digest()])
+                    graph.initializer.append(source)
+                    sources[key] = source
+                _derive(graph, t, how, sources[key])
+                stats["tensors_derived"] += 1
+                continue
             if digest in in_weights:
                 location, (offset, length) = weights.name, in_weights[digest]
                 stats["tensors_in_weights"] += 1
@@ -107,13 +198,7 @@ def externalize_onnx(files: list[Path], weights: Path) -> dict[str, int]:
                 else:
                     stats["bytes_deduplicated"] += len(raw)
                 location, (offset, length) = ONNX_DATA, placed[digest]
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(field)
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
+            _point_at(t, location, offset, length)
         path.write_bytes(proto.SerializeToString())
     if shared:
         (weights.parent / ONNX_DATA).write_bytes(bytes(shared))
