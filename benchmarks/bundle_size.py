@@ -1,11 +1,11 @@
 """Bundle size per format against the weights, and (given two bundles of one run) whether they compute the
-same: python benchmarks/bundle_size.py BUNDLE [OTHER_BUNDLE]
+same: python benchmarks/bundle_size.py [--rounds N] BUNDLE [OTHER_BUNDLE]
 
 Prints JSON: per bundle the bytes of each format's files (its graph files and the external data they read,
 the weights file apart), the weights' tensor bytes and the ratios; with two bundles, per backend the largest
 log-probability difference, whether each decoder draws the same images, and both bundles' load time (load()
-and the first one-image sample), cached-decoding time (16 images) and log p of 64 images, each the best of 3
-runs alternating between the two bundles, so that the ratio is of one run on one machine.
+and the first one-image sample), cached-decoding time (16 images) and log p of 64 images, each the best of N
+(3) runs alternating between the two bundles, so that the ratio is of one run on one machine.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def sizes(bundle: Path) -> dict[str, float]:
             **{f"{k}_over_weights": v / weights for k, v in by_format.items()}, "total_over_weights": total / weights}
 
 
-def compare(a_path: Path, b_path: Path) -> dict[str, object]:
+def compare(a_path: Path, b_path: Path, rounds: int = 3) -> dict[str, object]:
     from genforge.runtime import load
 
     out: dict[str, object] = {}
@@ -53,7 +53,7 @@ def compare(a_path: Path, b_path: Path) -> dict[str, object]:
         decode_s: list[list[float]] = [[], []]
         log_prob_s: list[list[float]] = [[], []]
         loaded: list[Any] = [None, None]
-        for _ in range(3):
+        for _ in range(rounds):
             for i, p in enumerate((a_path, b_path)):
                 t0 = time.perf_counter()
                 s = load(p, backend=backend)
@@ -87,10 +87,13 @@ def compare(a_path: Path, b_path: Path) -> dict[str, object]:
 
 
 def main(argv: list[str]) -> None:
+    rounds = 3
+    if argv[:1] == ["--rounds"]:
+        rounds, argv = int(argv[1]), argv[2:]
     paths = [Path(p) for p in argv]
     report: dict[str, object] = {str(p): sizes(p) for p in paths}
     if len(paths) == 2:
-        report["comparison"] = compare(*paths)
+        report["comparison"] = {"rounds": rounds, **compare(*paths, rounds)}
     print(json.dumps(report, indent=2))
 
 
