@@ -84,6 +84,8 @@ def _short_names(proto: Any) -> None:
                 digits = "0123456789abcdefghijklmnopqrstuvwxyz"[r] + digits
                 if n == 0:
                     break
+            if f"_{digits}" in keep:
+                raise ValueError(f"graph input or output '_{digits}' clashes with the short names")
             names[name] = f"_{digits}"  # no exporter's name, nor an identifier the manifest uses, looks like this
         return names[name]
 
@@ -112,6 +114,7 @@ class _Derivations:
         from safetensors.numpy import load_file
 
         self.weights = {k: v for k, v in load_file(str(weights)).items() if v.ndim >= 2}
+        self.raw = {k: v.tobytes() for k, v in self.weights.items()}
         self.permuted: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
     def find(self, array: Any) -> tuple[str, tuple[int, ...], int] | None:
@@ -124,6 +127,11 @@ class _Derivations:
         raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
         for name, w in self.weights.items():
             if w.dtype != array.dtype or w.size < array.size:
+                continue
+            # Whatever the permutation, the first and last elements are somewhere in the weight: a cheap test
+            # that spares permuting (24 copies of a 4-d weight) every weight that is not the source.
+            k = w.itemsize
+            if raw[:k] not in self.raw[name] or raw[-k:] not in self.raw[name]:
                 continue
             for perm in itertools.permutations(range(w.ndim)):
                 key = (name, perm)
@@ -217,6 +225,8 @@ def externalize_onnx(files: list[Path], weights: Path) -> dict[str, int]:
                 key = (id(graph), how[0])
                 if key not in sources:
                     w = derivations.weights[how[0]]
+                    if any(i.name == f"{how[0]}/weights" for i in graph.initializer):
+                        raise ValueError(f"{path.name}: an initializer is already named {how[0]}/weights")
                     source = numpy_helper.from_array(w, f"{how[0]}/weights")
                     _point_at(source, weights.name, *in_weights[hashlib.sha256(w.tobytes()).digest()])
                     graph.initializer.append(source)
