@@ -136,6 +136,8 @@ def trend(points: list[tuple[float, float]]) -> tuple[float, float, float, float
     """NLL = a + b exp(-c images), least squares over a run's evaluations from where it is within 5 nats of its
     best up to the best one (after it, overfitting bends the curve up): a is the level the recipe's curve
     approaches. c by a grid search, a and b linear for each c. None for runs with fewer than 4 such points."""
+    if not points:  # a run whose evaluations all lie outside the panel so far
+        return None
     best = min(range(len(points)), key=lambda i: points[i][1])
     tail = [p for p in points[: best + 1] if p[1] <= points[best][1] + 5.0]
     if len(tail) < 4:
