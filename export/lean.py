@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,18 @@ def safetensors_offsets(raw: bytes) -> dict[bytes, tuple[int, int]]:
     return out
 
 
+def _graphs(graph: Any) -> list[Any]:
+    """A graph and every subgraph inside it (Loop and If bodies), outermost first."""
+    import onnx
+
+    out = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                out += _graphs(sub)
+    return out
+
+
 def _strip_provenance(graph: Any) -> None:
     """Drop what the dynamo exporter records about each node's origin (the traced class hierarchy, FX node and
     stack trace in ``metadata_props``): about three quarters of a graph file once its tensors are external,
@@ -51,17 +62,13 @@ def _strip_provenance(graph: Any) -> None:
     The intermediate values' shapes (``value_info``) stay, though onnxruntime could infer most of them: without
     them it optimises some graphs differently, and their results move in the last bits (measured on the Gated
     PixelCNN's window graph), which the exporter's re-verification rightly refuses."""
-    import onnx
-
-    for node in graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
-        node.name = ""  # optional in ONNX, and unique-by-counter names ("node_Mul_593") are a sixth of a graph
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                _strip_provenance(sub)
-    for value in [*graph.value_info, *graph.input, *graph.output]:
-        del value.metadata_props[:]
+    for g in _graphs(graph):
+        for node in g.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            node.name = ""  # optional in ONNX, and unique-by-counter names ("node_Mul_593") are a sixth of a graph
+        for value in [*g.value_info, *g.input, *g.output]:
+            del value.metadata_props[:]
 
 
 def _short_names(proto: Any) -> None:
@@ -69,8 +76,6 @@ def _short_names(proto: Any) -> None:
     exporter's names ("val_1234", "inner.model.blocks.3.conv.weight") were a third of an unrolled graph's file,
     written in each node that reads or writes them and again in ``value_info``. One map for the graph and its
     subgraphs, as a Loop body reads the outer graph's values by name."""
-    import onnx
-
     keep = {v.name for v in [*proto.graph.input, *proto.graph.output]}
     names: dict[str, str] = {"": ""}  # "" is an omitted optional input
 
@@ -89,7 +94,7 @@ def _short_names(proto: Any) -> None:
             names[name] = f"_{digits}"  # no exporter's name, nor an identifier the manifest uses, looks like this
         return names[name]
 
-    def walk(graph: Any) -> None:
+    for graph in _graphs(proto.graph):
         for t in graph.initializer:
             t.name = short(t.name)
         for v in [*graph.value_info, *graph.input, *graph.output]:
@@ -97,11 +102,6 @@ def _short_names(proto: Any) -> None:
         for node in graph.node:
             node.input[:] = [short(i) for i in node.input]
             node.output[:] = [short(o) for o in node.output]
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                    walk(sub)
-
-    walk(proto.graph)
 
 
 class _Derivations:
@@ -117,14 +117,13 @@ class _Derivations:
         self.raw = {k: v.tobytes() for k, v in self.weights.items()}
         self.permuted: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
-    def find(self, array: Any) -> tuple[str, tuple[int, ...], int] | None:
-        """(weight name, axis permutation, element offset) with ``array`` equal to elements offset .. offset
-        + array.size of the weight permuted and flattened, or None."""
+    def find(self, array: Any, raw: bytes) -> tuple[str, tuple[int, ...], int] | None:
+        """(weight name, axis permutation, element offset) with ``array`` (``raw``: its little-endian bytes)
+        equal to elements offset .. offset + array.size of the weight permuted and flattened, or None."""
         import itertools
 
         import numpy as np
 
-        raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
         for name, w in self.weights.items():
             if w.dtype != array.dtype or w.size < array.size:
                 continue
@@ -181,21 +180,6 @@ def _point_at(t: Any, location: str, offset: int, length: int) -> None:
         entry.key, entry.value = key, value
 
 
-def _initializer_graphs(graph: Any) -> Iterator[tuple[Any, Any]]:
-    """(graph, initializer) for the initializers of a graph and of every subgraph inside it."""
-    import onnx
-
-    for t in list(graph.initializer):
-        yield graph, t
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _initializer_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _initializer_graphs(sub)
-
-
 def externalize_onnx(files: list[Path], weights: Path) -> dict[str, int]:
     """Rewrite the ONNX files (self-contained, in one directory with ``weights``), without provenance, so
     that their tensors of ``MIN_EXTERNAL_BYTES`` or more live in ``weights`` where its bytes hold them, and
@@ -211,8 +195,8 @@ def externalize_onnx(files: list[Path], weights: Path) -> dict[str, int]:
     for path in files:
         proto = onnx.load(str(path), load_external_data=False)
         _strip_provenance(proto.graph)
-        sources: dict[tuple[int, str], Any] = {}  # (graph, weight) -> the initializer reading that weight
-        for graph, t in _initializer_graphs(proto.graph):
+        sources: dict[tuple[int, str], Any] = {}  # (graph's index, weight) -> the initializer reading that weight
+        for index, graph, t in [(i, g, t) for i, g in enumerate(_graphs(proto.graph)) for t in g.initializer]:
             if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
                 continue
             array = numpy_helper.to_array(t)
@@ -220,9 +204,9 @@ def externalize_onnx(files: list[Path], weights: Path) -> dict[str, int]:
             if len(raw) < MIN_EXTERNAL_BYTES:
                 continue
             digest = hashlib.sha256(raw).digest()
-            how = None if digest in in_weights else derivations.find(array)
+            how = None if digest in in_weights else derivations.find(array, raw)
             if how is not None:
-                key = (id(graph), how[0])
+                key = (index, how[0])
                 if key not in sources:
                     w = derivations.weights[how[0]]
                     if any(i.name == f"{how[0]}/weights" for i in graph.initializer):

@@ -68,7 +68,7 @@ def test_each_tensor_is_stored_once_per_format(family_bundles, name: str) -> Non
                 raw = data[offset : offset + length]
                 assert hashlib.sha256(raw).digest() not in in_weights, f"{file}: {t.name} copies a weight"
                 array = np.frombuffer(raw, onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(t.dims)
-                assert derivations.find(array) is None, f"{file}: {t.name} is a weight's elements, permuted"
+                assert derivations.find(array, raw) is None, f"{file}: {t.name} is a weight's elements, permuted"
                 regions[(offset, length)] = raw
     # onnx.data: every region distinct, and nothing in it that no graph reads (but alignment padding)
     assert len({hashlib.sha256(r).digest() for r in regions.values()}) == len(regions)

@@ -149,6 +149,8 @@ def evaluate_path(
     a run directory's last, ema or best weights (train.checkpoint.weights_file)."""
     p = Path(zoo.resolve(path))
     if (p / MANIFEST).is_file():
+        if weights != "last":
+            raise UsageError(f"{p}: --weights {weights} chooses a run directory's weights; a bundle holds one set")
         scorer, kind = bundle_scorer(p, backend), "bundle"
         source = scorer.bundle_source
     elif (p / CONFIG_FILE).is_file():
@@ -158,8 +160,6 @@ def evaluate_path(
                   "dynamic_binarize": bool(run.train.get("dynamic_binarize"))}
     else:
         raise UsageError(f"{p}: neither a run directory (config.json) nor a bundle (manifest.json)")
-    if kind == "bundle" and weights != "last":
-        raise UsageError(f"{p}: --weights {weights} chooses a run directory's weights; a bundle holds one set")
     given = dict(data or {})
     recorded = (source.get("data") or {}) if kind == "bundle" else {}
     if kind == "bundle" and recorded.get("path") is not None and "path" not in given:
