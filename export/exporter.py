@@ -59,7 +59,7 @@ from genforge.runtime.randomness import SCHEME
 from genforge.train.checkpoint import best_record, load_run, save_weights
 
 from .errors import ExportError
-from .lean import ONNX_DATA, TORCHSCRIPT_ARCHIVE, externalize_onnx, trace_archive
+from .lean import ONNX_DATA, TORCHSCRIPT_ARCHIVE, externalize_onnx, save_archive, trace_archive
 from .sample_graph import SAMPLE_GRAPH, build_sample_graph, verify_sample_graph
 
 WEIGHTS = "weights.safetensors"
@@ -187,7 +187,7 @@ def _with_argument_names(module: torch.nn.Module, names: list[str]) -> torch.nn.
 def _export_torchscript(defs: list[GraphDef], path: Path, examples: dict[str, tuple[torch.Tensor, ...]]) -> None:
     """The bundle's one TorchScript archive, graph NAME its method NAME (export/lean.py)."""
     with _quiet_export(), torch.no_grad():
-        trace_archive(defs, examples).save(str(path))
+        save_archive(trace_archive(defs, examples), path)
 
 
 def mutated_inputs(path: Path, g: GraphDef) -> list[str]:

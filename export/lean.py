@@ -9,13 +9,15 @@ copy: a default gated PixelCNN's ``--format all`` bundle was 8.8x its weights. N
   (a cached step's kernel columns, transposed or concatenated forms) are written once each to one shared
   ``onnx.data``, however many graphs use them. Tensors under ``MIN_EXTERNAL_BYTES`` stay inline.
 - TorchScript: one archive whose graphs are its methods, traced together and frozen together, so that a
-  parameter every graph reads is stored once.
+  parameter every graph reads is stored once, written without ``torch.jit.save``'s debug records.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +119,11 @@ class _Derivations:
         self.raw = {k: v.tobytes() for k, v in self.weights.items()}
         self.permuted: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
-    def find(self, array: Any, raw: bytes) -> tuple[str, tuple[int, ...], int] | None:
-        """(weight name, axis permutation, element offset) with ``array`` (``raw``: its little-endian bytes)
-        equal to elements offset .. offset + array.size of the weight permuted and flattened, or None."""
+    def find(self, array: Any, raw: bytes) -> tuple[str, tuple[int, ...], int, tuple[int, ...]] | None:
+        """(weight name, axis permutation, element offset, order) with ``array`` (``raw``: its little-endian
+        bytes), its axes put in ``order``, equal to elements offset .. offset + array.size of the weight
+        permuted and flattened, or None. ``order`` is not the identity for a part of a kernel cut along an axis
+        that is not the weight's first (the rows a folded masked convolution keeps, models/layers.py)."""
         import itertools
 
         import numpy as np
@@ -127,32 +131,38 @@ class _Derivations:
         for name, w in self.weights.items():
             if w.dtype != array.dtype or w.size < array.size:
                 continue
-            # Whatever the permutation, the first and last elements are somewhere in the weight: a cheap test
+            # Whatever the permutations, the first and last elements are somewhere in the weight: a cheap test
             # that spares permuting (24 copies of a 4-d weight) every weight that is not the source.
             k = w.itemsize
             if raw[:k] not in self.raw[name] or raw[-k:] not in self.raw[name]:
                 continue
-            for perm in itertools.permutations(range(w.ndim)):
-                key = (name, perm)
-                if key not in self.permuted:
-                    self.permuted[key] = np.ascontiguousarray(w.transpose(perm)).tobytes()
-                flat, at = self.permuted[key], -1
-                while (at := flat.find(raw, at + 1)) >= 0:
-                    if at % w.itemsize == 0:
-                        return name, perm, at // w.itemsize
+            for order in itertools.permutations(range(array.ndim)):
+                run = raw if order == tuple(range(array.ndim)) else np.ascontiguousarray(
+                    array.transpose(order)).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+                for perm in itertools.permutations(range(w.ndim)):
+                    key = (name, perm)
+                    if key not in self.permuted:
+                        self.permuted[key] = np.ascontiguousarray(w.transpose(perm)).tobytes()
+                    flat, at = self.permuted[key], -1
+                    while (at := flat.find(run, at + 1)) >= 0:
+                        if at % w.itemsize == 0:
+                            return name, perm, at // w.itemsize, order
         return None
 
 
-def _derive(graph: Any, tensor: Any, how: tuple[str, tuple[int, ...], int], source: Any) -> None:
+def _derive(graph: Any, tensor: Any, how: tuple[str, tuple[int, ...], int, tuple[int, ...]], source: Any) -> None:
     """Replace initializer ``tensor`` of ``graph`` by nodes that make it from ``source`` (an initializer of the
-    weight, external data in the weights file), as ``how`` says: Transpose, flatten, Slice, Reshape."""
+    weight, external data in the weights file), as ``how`` says: Transpose, flatten, Slice, Reshape, and a
+    Transpose back where the tensor's axes were reordered."""
     import numpy as np
     from onnx import helper, numpy_helper
 
-    _, perm, offset = how
+    _, perm, offset, order = how
     n = int(np.prod(tensor.dims))
     v = f"{tensor.name}/"  # a prefix no exporter's name has: the values below are unique to this tensor
-    consts = {v + "a": [0], v + "b": [offset], v + "e": [offset + n], v + "f": [-1], v + "s": list(tensor.dims)}
+    identity = order == tuple(range(len(order)))
+    shape = [int(tensor.dims[a]) for a in order]
+    consts = {v + "a": [0], v + "b": [offset], v + "e": [offset + n], v + "f": [-1], v + "s": shape}
     nodes = []
     value = source.name
     if perm != tuple(range(len(perm))):
@@ -160,7 +170,9 @@ def _derive(graph: Any, tensor: Any, how: tuple[str, tuple[int, ...], int], sour
         value = v + "t"
     nodes += [helper.make_node("Reshape", [value, v + "f"], [v + "r"]),
               helper.make_node("Slice", [v + "r", v + "b", v + "e", v + "a"], [v + "x"]),
-              helper.make_node("Reshape", [v + "x", v + "s"], [tensor.name])]
+              helper.make_node("Reshape", [v + "x", v + "s"], [tensor.name if identity else v + "o"])]
+    if not identity:
+        nodes.append(helper.make_node("Transpose", [v + "o"], [tensor.name], perm=np.argsort(order).tolist()))
     graph.initializer.remove(tensor)
     graph.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in consts.items())
     for node in reversed(nodes):  # first: the graph's nodes are in order, and these feed the rest
@@ -274,3 +286,19 @@ def trace_archive(defs: list[GraphDef], examples: dict[str, tuple[torch.Tensor, 
     traced = torch.jit.trace_module(container, {g.name: tuple(t.clone() for t in examples[g.name]) for g in defs},
                                     check_trace=False)
     return torch.jit.freeze(traced, preserved_attrs=[g.name for g in defs])
+
+
+def save_archive(module: Any, path: Path) -> None:
+    """Save a TorchScript module without its ``.debug_pkl`` records. Those map the archive's code back to the
+    exporter's source (they hold the text of every genforge file the trace went through, with the
+    exporting machine's paths): a fifth of a Diagonal BiLSTM archive, which no loader needs
+    (``torch.jit.load`` reads them only when present, for error messages)."""
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(path, "w") as out:
+        for info in src.infolist():
+            if info.filename.endswith(".debug_pkl"):
+                continue
+            entry = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+            entry.compress_type = info.compress_type  # torch deflates the code and stores tensors as they are
+            out.writestr(entry, src.read(info))

@@ -114,9 +114,31 @@ class MaskedConv2d(nn.Conv2d):
             w = self.weight.detach() * self.mask
             self.weight.data = w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
             self.folded = True
+            used = self.mask.flatten(0, 1).amax(0)  # (kh, kw): 1 where some output reads the tap
+            rows, cols = used.amax(1).nonzero(), used.amax(0).nonzero()
+            if len(rows) and (int(rows[-1]) + 1, int(cols[-1]) + 1) != tuple(used.shape):
+                self.kept = (int(rows[-1]) + 1, int(cols[-1]) + 1)
+
+    # (rows, cols): the top-left part of the kernel outside which the mask is zero, once folded, when smaller
+    # than the kernel. A folded convolution then runs that part alone (issue 25): the taps it drops multiply
+    # by zero, and on the CPU backends the sum of the others comes out bit for bit the same (the
+    # decoder-equality tests compare); a 7x7 mask-A kernel keeps 4x7, a 3x3 mask-B kernel 2x3.
+    kept: tuple[int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded and self.kept is not None:
+            return self._forward_kept(x, *self.kept)
         return F.conv2d(x, self.masked_weight(), self.bias, padding=self.padding)
+
+    def _forward_kept(self, x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        top, left = self.padding
+        bottom, right = rows - 1 - top, cols - 1 - left  # negative: input rows (columns) no kept tap reads
+        if bottom < 0:
+            x = x[:, :, :bottom]
+        if right < 0:
+            x = x[:, :, :, :right]
+        x = F.pad(x, (left, max(right, 0), top, max(bottom, 0)))
+        return F.conv2d(x, self.weight[:, :, :rows, :cols], self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mask={self.mask_type}, shape={self.mask_shape}, groups={self.color_groups}"

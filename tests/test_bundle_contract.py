@@ -4,6 +4,7 @@ files, and sample.onnx against the runtime's decoding loops."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import warnings
@@ -424,15 +425,28 @@ def test_a_folded_masked_convolution_computes_exactly_what_the_masked_one_did(fr
     from genforge.models.layers import MaskedConv2d
 
     g = torch.Generator().manual_seed(fresh_seed)
-    for mask_type, groups in (("A", 1), ("B", 1), ("A", 3), ("B", 3)):
-        conv = MaskedConv2d(6, 6, 5, mask_type=mask_type, groups=groups)
+    kept = {}
+    for kernel, shape, mask_type, groups in itertools.product(
+            [5, 7, (1, 5), (3, 5)], ["full", "vertical", "horizontal"], "AB", [1, 3]):
+        if shape == "vertical" and kernel == (1, 5):
+            continue  # no row above the centre
+        conv = MaskedConv2d(6, 6, kernel, mask_type=mask_type, groups=groups, shape=shape)
         with torch.no_grad():
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
-        x = torch.randn(2, 6, 7, 7, generator=g)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=g))
+        x = torch.randn(2, 6, 7, 9, generator=g)
         before = conv(x)
         conv.fold_mask()
         conv.fold_mask()  # folding twice changes nothing
-        assert torch.equal(conv(x), before) and torch.equal(conv.masked_weight(), conv.weight * conv.mask)
+        # the folded one runs only the kernel's part the mask keeps: the same sums, bit for bit
+        assert torch.equal(conv(x), before), (kernel, shape, mask_type, groups)
+        assert torch.equal(conv.masked_weight(), conv.weight * conv.mask)
+        rows, cols = conv.kept
+        assert not conv.mask[:, :, rows:].any() and not conv.mask[:, :, :, cols:].any()
+        assert conv.mask[:, :, rows - 1].any() and conv.mask[:, :, :, cols - 1].any()
+        kept[(kernel, shape, mask_type, groups)] = conv.kept
+    assert kept[(7, "full", "A", 1)] == (4, 7) and kept[(5, "vertical", "A", 1)] == (2, 5)
+    assert kept[((1, 5), "horizontal", "A", 1)] == (1, 2) and kept[((1, 5), "horizontal", "B", 3)] == (1, 3)
 
 
 @pytest.mark.parametrize("name", ["pixelcnn", "gated-pixelcnn", "pixelcnn-rgb"])
