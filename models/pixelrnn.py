@@ -129,16 +129,21 @@ class RowLSTM(PixelRNNBase):
 
 
 def skew(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H, W + H - 1): row i moves i columns right."""
+    """(B, C, H, W) -> (B, C, H, W + H - 1): row i moves i columns right.
+
+    By reshaping, not row by row: padded with H zeros on the right, the rows laid end to end are read back
+    one column narrower, so that row i starts i places later. A few nodes in an exported graph instead of a
+    scatter per row (the skews were a fifth of an unrolled Diagonal BiLSTM graph); the same values."""
     b, c, h, w = x.shape
-    out = x.new_zeros(b, c, h, w + h - 1)
-    for i in range(h):
-        out[:, :, i, i : i + w] = x[:, :, i]
-    return out
+    flat = F.pad(x, (0, h)).reshape(b, c, h * (w + h))
+    return flat[:, :, : h * (w + h - 1)].reshape(b, c, h, w + h - 1)
 
 
 def unskew(y: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.stack([y[:, :, i, i : i + width] for i in range(y.shape[2])], dim=2)
+    """skew's inverse: (B, C, H, W + H - 1) -> (B, C, H, W), read back one column wider."""
+    b, c, h, ws = y.shape
+    flat = F.pad(y.reshape(b, c, h * ws), (0, h))
+    return flat.reshape(b, c, h, ws + 1)[:, :, :, :width]
 
 
 class DiagonalBiLSTM(PixelRNNBase):

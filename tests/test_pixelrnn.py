@@ -17,13 +17,18 @@ from genforge.train import load_run
 
 
 def test_skew_places_diagonals_in_columns() -> None:
-    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)
-    s = skew(x)
-    assert s.shape == (1, 2, 3, 6)
-    for i in range(3):
-        for j in range(4):
-            assert s[0, 1, i, i + j] == x[0, 1, i, j]  # pixel (i, j) lies on skewed column i + j
-    torch.testing.assert_close(unskew(s, 4), x)
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    for h, w in ((3, 4), (1, 5), (6, 1), (28, 28), (7, 3)):
+        x = torch.randn(2, 3, h, w, generator=g)
+        s = skew(x)  # by reshaping (models/pixelrnn.py); here the plain definition, element by element
+        assert s.shape == (2, 3, h, w + h - 1)
+        expect = torch.zeros_like(s)
+        for i in range(h):
+            expect[:, :, i, i : i + w] = x[:, :, i]  # pixel (i, j) lies on skewed column i + j, zeros elsewhere
+        assert torch.equal(s, expect), (h, w)
+        y = torch.randn(s.shape, generator=g)
+        assert torch.equal(unskew(y, w), torch.stack([y[:, :, i, i : i + w] for i in range(h)], dim=2)), (h, w)
+        assert torch.equal(unskew(s, w), x)
 
 
 @pytest.mark.slow
