@@ -39,6 +39,9 @@ TORCHSCRIPT_OPS = frozenset({
     "aten::to", "aten::transpose", "aten::unsqueeze", "aten::upsample_nearest2d", "aten::where", "aten::zeros_like",
     "prim::Constant", "prim::ListConstruct", "prim::ListUnpack", "prim::NumToTensor", "prim::TupleConstruct",
 })
+# Of those, what only earlier exports contain, kept so that their bundles still load: aten::copy_ is the
+# Diagonal BiLSTM's skew as it was before it became a pad and a reshape (a copy into each row).
+FORMER_EXPORTS_ONLY = frozenset({"aten::copy_"})
 
 MAX_UNCOMPRESSED = 4 << 30  # bytes an archive may unpack to (torch stores its entries uncompressed)
 
