@@ -10,6 +10,7 @@ and the first one-image sample), cached-decoding time (16 images) and log p of 6
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -55,6 +56,10 @@ def compare(a_path: Path, b_path: Path, rounds: int = 3) -> dict[str, object]:
         loaded: list[Any] = [None, None]
         for _ in range(rounds):
             for i, p in enumerate((a_path, b_path)):
+                # Collect the previous rounds' samplers first: a collection inside a timed load would charge
+                # one bundle with tearing down the other's sessions (1.5x swings on TorchScript loads).
+                s = None
+                gc.collect()
                 t0 = time.perf_counter()
                 s = load(p, backend=backend)
                 s.sample(1, decoder="cached")

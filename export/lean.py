@@ -283,8 +283,15 @@ def trace_archive(defs: list[GraphDef], examples: dict[str, tuple[torch.Tensor, 
     container = graph_methods(defs)
     for p in container.parameters():
         p.requires_grad_(False)
-    traced = torch.jit.trace_module(container, {g.name: tuple(t.clone() for t in examples[g.name]) for g in defs},
-                                    check_trace=False)
+    looped = [m for m in container.modules() if hasattr(m, "script_loops")]  # models/pixelrnn.py
+    for m in looped:
+        m.script_loops = True
+    try:
+        traced = torch.jit.trace_module(
+            container, {g.name: tuple(t.clone() for t in examples[g.name]) for g in defs}, check_trace=False)
+    finally:
+        for m in looped:
+            m.script_loops = False
     return torch.jit.freeze(traced, preserved_attrs=[g.name for g in defs])
 
 

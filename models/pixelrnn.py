@@ -21,7 +21,9 @@ state-to-state connections only read past pixels, whose every group is known.
 Export: the recurrences are Python loops over rows (Row LSTM) or skewed columns (Diagonal BiLSTM). The
 image size is fixed per model, so tracing unrolls them into a straight-line graph (H or W + H - 1 steps
 per layer), which every ONNX runtime executes without a Loop/Scan operator and without data-dependent
-shapes. The cached forms need no recurrence inside a graph at all: the runtime drives it, row by row and
+shapes. The TorchScript archive keeps the Diagonal BiLSTM's column recurrence as one scripted loop
+(``column_lstm``) instead: unrolled, its code was most of the archive, compiled by every torch.jit.load.
+The cached forms need no recurrence inside a graph at all: the runtime drives it, row by row and
 pixel by pixel, with the states as explicit caches.
 
 Cached forms (the cheapest exact ones):
@@ -146,6 +148,25 @@ def unskew(y: torch.Tensor, width: int) -> torch.Tensor:
     return flat.reshape(b, c, h, ws + 1)[:, :, :, :width]
 
 
+@torch.jit.script
+def column_lstm(gates_x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, width: int) -> torch.Tensor:
+    """DiagonalBiLSTM._direction as one TorchScript loop: the same operations in the same order."""
+    b, height, ws = gates_x.shape[0], gates_x.shape[2], gates_x.shape[3]
+    h = gates_x.new_zeros([b, weight.shape[1], height])
+    c = torch.zeros_like(h)
+    rows = torch.arange(height, device=gates_x.device)
+    cols: list[torch.Tensor] = []
+    for t in range(ws):
+        valid = ((t - rows >= 0) & (t - rows < width)).to(gates_x.dtype)[None, None, :]
+        gates = gates_x[:, :, :, t] + F.conv1d(F.pad(h, [1, 0]), weight, bias)
+        o, f, i, g = gates.chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        h, c = h_new * valid, c_new * valid
+        cols.append(h)
+    return torch.stack(cols, dim=3)
+
+
 class DiagonalBiLSTM(PixelRNNBase):
     def __init__(self, config: PixelRNNConfig) -> None:
         super().__init__(config)
@@ -162,8 +183,15 @@ class DiagonalBiLSTM(PixelRNNBase):
         self.ss_fwd = nn.ModuleList(nn.Conv1d(c.hidden, 4 * c.hidden, 2) for _ in range(c.layers))
         self.ss_bwd = nn.ModuleList(nn.Conv1d(c.hidden, 4 * c.hidden, 2) for _ in range(c.layers))
 
+    # Set by the TorchScript export (export/lean.py): run the column recurrence as one scripted loop, so that
+    # the archive holds a few lines of code for it rather than every step unrolled (W + H - 1 per direction
+    # and layer), which torch.jit.load would compile each time. ONNX exports keep the unrolled form.
+    script_loops = False
+
     def _direction(self, gates_x: torch.Tensor, ss: nn.Conv1d) -> torch.Tensor:
         """A column LSTM over the skewed gates (B, 4h, H, Ws); states off the image are held at zero."""
+        if self.script_loops:
+            return column_lstm(gates_x, ss.weight, ss.bias, gates_x.shape[3] - gates_x.shape[2] + 1)
         b, _, height, ws = gates_x.shape
         width = ws - height + 1
         hidden = self.config.hidden

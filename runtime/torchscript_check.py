@@ -28,16 +28,19 @@ from .errors import BundleError
 # Everything genforge's TorchScript exports contain, over every family and head (inlined graphs, sub-blocks
 # included). Tensor arithmetic and shape bookkeeping only: nothing here reads or writes a file, prints or
 # calls out of the graph (prim::CallMethod / prim::CallFunction are absent, so nothing escapes inspection).
+# The Diagonal BiLSTM's column recurrence is one loop (models/pixelrnn.py column_lstm): prim::Loop, whose
+# body is inspected like the rest, and the list and conv1d operations in it.
 TORCHSCRIPT_OPS = frozenset({
-    "aten::Int", "aten::__and__", "aten::_convolution", "aten::abs", "aten::add", "aten::addmm", "aten::arange",
-    "aten::batch_norm", "aten::cat", "aten::chunk", "aten::clamp", "aten::contiguous", "aten::copy_", "aten::div",
-    "aten::embedding", "aten::exp", "aten::flatten", "aten::flip", "aten::full_like", "aten::ge",
-    "aten::index_copy_", "aten::index_select", "aten::linear", "aten::log", "aten::log1p", "aten::log_softmax",
-    "aten::logsumexp", "aten::lt", "aten::movedim", "aten::mul", "aten::neg", "aten::new_zeros", "aten::one_hot",
-    "aten::pad", "aten::permute", "aten::reciprocal", "aten::relu", "aten::reshape", "aten::rsub", "aten::select",
-    "aten::sigmoid", "aten::silu", "aten::size", "aten::slice", "aten::stack", "aten::sub", "aten::tanh",
-    "aten::to", "aten::transpose", "aten::unsqueeze", "aten::upsample_nearest2d", "aten::where", "aten::zeros_like",
-    "prim::Constant", "prim::ListConstruct", "prim::ListUnpack", "prim::NumToTensor", "prim::TupleConstruct",
+    "aten::Int", "aten::__and__", "aten::__getitem__", "aten::_convolution", "aten::abs", "aten::add", "aten::addmm",
+    "aten::append", "aten::arange", "aten::batch_norm", "aten::cat", "aten::chunk", "aten::clamp", "aten::contiguous",
+    "aten::conv1d", "aten::copy_", "aten::div", "aten::embedding", "aten::exp", "aten::flatten", "aten::flip",
+    "aten::full_like", "aten::ge", "aten::index_copy_", "aten::index_select", "aten::linear", "aten::log",
+    "aten::log1p", "aten::log_softmax", "aten::logsumexp", "aten::lt", "aten::movedim", "aten::mul", "aten::neg",
+    "aten::new_zeros", "aten::one_hot", "aten::pad", "aten::permute", "aten::reciprocal", "aten::relu",
+    "aten::reshape", "aten::rsub", "aten::select", "aten::sigmoid", "aten::silu", "aten::size", "aten::slice",
+    "aten::stack", "aten::sub", "aten::tanh", "aten::to", "aten::transpose", "aten::unsqueeze",
+    "aten::upsample_nearest2d", "aten::where", "aten::zeros_like", "prim::Constant", "prim::ListConstruct",
+    "prim::ListUnpack", "prim::Loop", "prim::NumToTensor", "prim::TupleConstruct", "prim::device", "prim::dtype",
 })
 # Of those, what only earlier exports contain, kept so that their bundles still load: aten::copy_ is the
 # Diagonal BiLSTM's skew as it was before it became a pad and a reshape (a copy into each row).
