@@ -57,7 +57,7 @@ class ExternalTensor:
         return self.entries.get("location", "")
 
 
-def _varint(data: bytes, i: int) -> tuple[int, int]:
+def _varint(data: bytes | memoryview, i: int) -> tuple[int, int]:
     shift = value = 0
     while True:
         if i >= len(data) or shift > 63:
@@ -70,11 +70,17 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, int, bytes | int]]:
-    """(field number, wire type, value) of one message: bytes for length-delimited fields, ints otherwise."""
-    i = 0
-    while i < len(data):
-        key, i = _varint(data, i)
+def _fields(data: bytes | memoryview) -> Iterator[tuple[int, int, bytes | memoryview | int]]:
+    """(field number, wire type, value) of one message: bytes (a view) for length-delimited fields, ints
+    otherwise. One-byte keys and lengths, most of a graph's, are read inline: this loop runs once per field of
+    every node, and a bundle is scanned on every load."""
+    i, end = 0, len(data)
+    while i < end:
+        key = data[i]
+        if key < 0x80:
+            i += 1
+        else:
+            key, i = _varint(data, i)
         number, wire = key >> 3, key & 7
         if wire == 0:
             value, i = _varint(data, i)
@@ -83,8 +89,12 @@ def _fields(data: bytes) -> Iterator[tuple[int, int, bytes | int]]:
             i += 8
             yield number, wire, 0
         elif wire == 2:
-            n, i = _varint(data, i)
-            if i + n > len(data):
+            if i < end and data[i] < 0x80:
+                n = data[i]
+                i += 1
+            else:
+                n, i = _varint(data, i)
+            if i + n > end:
                 raise ValueError("a field runs past the end of its message")
             yield number, wire, data[i : i + n]
             i += n
@@ -93,11 +103,11 @@ def _fields(data: bytes) -> Iterator[tuple[int, int, bytes | int]]:
             yield number, wire, 0
         else:  # groups (3, 4) are not used by onnx.proto
             raise ValueError(f"unexpected wire type {wire}")
-        if i > len(data):
+        if i > end:
             raise ValueError("truncated message")
 
 
-def _tensor(data: bytes) -> ExternalTensor | None:
+def _tensor(data: bytes | memoryview) -> ExternalTensor | None:
     name, entries, location = "", {}, 0
     for number, wire, value in _fields(data):
         if number == _TENSOR_NAME and wire == 2:
@@ -121,7 +131,7 @@ def external_tensors(model: bytes, where: object = "the ONNX file") -> list[Exte
     that are not a well-formed protobuf message."""
     found: list[ExternalTensor] = []
 
-    def walk(data: bytes, kind: str, depth: int) -> None:
+    def walk(data: bytes | memoryview, kind: str, depth: int) -> None:
         if depth > MAX_DEPTH:
             raise BundleError(f"{where}: ONNX subgraphs nested deeper than {MAX_DEPTH} levels")
         if kind == "tensor":
@@ -135,7 +145,7 @@ def external_tensors(model: bytes, where: object = "the ONNX file") -> list[Exte
                 walk(value, child, depth + 1)  # type: ignore[arg-type]
 
     try:
-        walk(model, "model", 0)
+        walk(memoryview(model), "model", 0)  # slices of a view copy nothing
     except ValueError as e:
         raise BundleError(f"{where}: not a well-formed ONNX file ({e})") from None
     return found

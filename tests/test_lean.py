@@ -56,6 +56,11 @@ def test_each_tensor_is_stored_once_per_format(family_bundles, name: str) -> Non
     for file in sorted(onnx_files):
         proto = onnx.load(str(b / file), load_external_data=False)
         assert not any(n.metadata_props for n in proto.graph.node), f"{file}: exporter provenance kept"
+        # the runtime's own wire-format scan (it imports no onnx) finds exactly what onnx's parser does
+        scanned = sorted((t.name, sorted(t.entries.items())) for t in _external(b / file))
+        parsed = sorted((t.name, sorted((e.key, e.value) for e in t.external_data)) for t in _all_tensors(proto.graph)
+                        if t.data_location == onnx.TensorProto.EXTERNAL)
+        assert scanned == parsed, file
         for t in _all_tensors(proto.graph):
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 assert len(numpy_helper.to_array(t).tobytes()) < MIN_EXTERNAL_BYTES, (file, t.name)
